@@ -1,0 +1,195 @@
+"""A balancer group: its members, their status flags, and choosing one per request.
+
+Pure and synchronous (time comes in as an argument): the request path calls
+`Balancer.choose` once per attempt, which is O(members) with no I/O. Follows
+mod_proxy_balancer's candidate rules (reference §3.2-3.5, §3.9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import BalancerConfig, MemberConfig
+from .sticky import route_from_cookie, route_from_url, split_route
+
+
+@dataclass(eq=False)
+class Member:
+    config: MemberConfig
+    name: str                        # the member URL as Apache names a worker
+    lbfactor: int                    # loadfactor x 100
+    flags: set = field(default_factory=set)
+    lbstatus: int = 0
+    busy: int = 0
+    transferred: int = 0
+    read: int = 0
+    elected: int = 0
+    error_time: float = 0.0
+
+    @property
+    def route(self) -> str:
+        return self.config.route
+
+    @property
+    def standby(self) -> bool:
+        return "H" in self.flags
+
+    @property
+    def draining(self) -> bool:
+        return "N" in self.flags
+
+    def usable(self) -> bool:
+        return not (self.flags & {"D", "S", "E", "C"})
+
+    def try_retry(self, now: float) -> None:
+        """An errored member becomes a candidate again once `retry` has passed."""
+        if "E" in self.flags and "S" not in self.flags \
+                and now >= self.error_time + self.config.worker.retry:
+            self.flags.discard("E")
+
+    def mark_error(self, now: float) -> None:
+        if "I" not in self.flags:
+            self.flags.add("E")
+            self.error_time = now
+
+    def mark_ok(self) -> None:
+        self.error_time = 0.0
+
+
+def parse_status(status: str) -> set:
+    flags, adding = set(), True
+    for ch in status:
+        if ch in "+-":
+            adding = ch == "+"
+        elif adding:
+            flags.add(ch)
+        else:
+            flags.discard(ch)
+    return flags
+
+
+@dataclass
+class Choice:
+    member: Member | None
+    route_changed: bool = False
+    sticky_route: str | None = None     # the route the request asked for, if any
+
+
+class Balancer:
+    def __init__(self, config: BalancerConfig):
+        self.config = config
+        self.name = config.name
+        self.members = [Member(m, m.url.origin + m.url.path.rstrip("/"),
+                               int(round(m.loadfactor * 100)), parse_status(m.status))
+                        for m in config.members]
+        self.max_lbset = max(m.config.lbset for m in self.members)
+        sticky = config.stickysession
+        cookie, _, param = sticky.partition("|")
+        self.sticky_cookie = cookie
+        self.sticky_param = param or cookie
+        self._better = {"byrequests": self._by_requests, "bytraffic": self._by_traffic,
+                        "bybusyness": self._by_busyness}[config.lbmethod]
+        self._total = 0
+
+    # -- per request ----------------------------------------------------------------
+
+    def choose(self, url: str, cookie_header: str | None, now: float,
+               exclude: tuple = ()) -> Choice:
+        if self.config.forcerecovery and all("E" in m.flags for m in self.members):
+            for m in self.members:
+                m.flags.discard("E")
+        route = None
+        if self.sticky_cookie:
+            route = split_route(route_from_url(url, self.sticky_param,
+                                               self.config.scolonpathdelim)
+                                or route_from_cookie(cookie_header, self.sticky_cookie),
+                                self.config.stickysessionsep)
+        if route is not None:
+            member = self._by_route(route, now, exclude)
+            if member is not None:
+                self._sticky_bookkeeping(member)
+                return self._elect(Choice(member, member.route != route, route))
+            if self.config.nofailover and any(m.route == route for m in self.members):
+                return Choice(None, False, route)
+        member = self._best(now, exclude)
+        return self._elect(Choice(member, bool(self.sticky_cookie), route))
+
+    def done(self, member: Member, sent: int, received: int) -> None:
+        member.busy -= 1
+        member.transferred += sent
+        member.read += received
+
+    # -- selection -----------------------------------------------------------------
+
+    def _elect(self, choice: Choice) -> Choice:
+        if choice.member is not None:
+            choice.member.elected += 1
+            choice.member.busy += 1
+        return choice
+
+    def _by_route(self, route: str, now: float, exclude, depth: int = 0) -> Member | None:
+        for standby in (False, True):
+            for m in self.members:
+                if m.route != route or m.standby != standby or m in exclude:
+                    continue
+                if not m.usable():
+                    m.try_retry(now)
+                if m.usable():
+                    return m
+                if m.config.redirect and depth < len(self.members):
+                    target = self._by_route(m.config.redirect, now, exclude, depth + 1)
+                    if target is not None:
+                        return target
+        return None
+
+    def _sticky_bookkeeping(self, chosen: Member) -> None:
+        total = 0
+        for m in self.members:
+            if m.usable():
+                m.lbstatus += m.lbfactor
+                total += m.lbfactor
+        chosen.lbstatus -= total
+
+    def _best(self, now: float, exclude) -> Member | None:
+        self._total = 0
+        better = self._better
+        for lbset in range(self.max_lbset + 1):
+            best, standbys = None, []
+            for m in self.members:
+                if m.config.lbset != lbset or m.draining or m in exclude:
+                    continue
+                if not m.usable():
+                    m.try_retry(now)
+                if not m.usable():
+                    continue
+                if m.standby:
+                    standbys.append(m)
+                elif better(m, best):
+                    best = m
+            if best is None:
+                for m in standbys:
+                    if better(m, best):
+                        best = m
+            if best is not None:
+                if self._better == self._by_requests or self._better == self._by_busyness:
+                    best.lbstatus -= self._total
+                return best
+        return None
+
+    def _by_requests(self, m: Member, best: Member | None) -> bool:
+        m.lbstatus += m.lbfactor
+        self._total += m.lbfactor
+        return best is None or m.lbstatus > best.lbstatus
+
+    def _by_traffic(self, m: Member, best: Member | None) -> bool:
+        if best is None:
+            return True
+        score = lambda x: x.transferred // x.lbfactor + x.read // x.lbfactor
+        return score(m) < score(best)
+
+    def _by_busyness(self, m: Member, best: Member | None) -> bool:
+        m.lbstatus += m.lbfactor
+        self._total += m.lbfactor
+        if best is None or m.busy < best.busy:
+            return True
+        return m.busy == best.busy and m.lbstatus > best.lbstatus

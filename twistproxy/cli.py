@@ -1,0 +1,90 @@
+"""The `twistproxy` command: run, check, demo, --version.
+
+`run` builds the same service as the twistd plugin; `check` validates a file and
+prints a one-line summary; `demo` starts built-in backends and a proxy in front.
+Errors are one line on stderr: exit status 2 for configuration, 1 for start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .config import ConfigError, load
+
+
+def _start_logging(level: str = "info") -> None:
+    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                                globalLogBeginner, textFileLogObserver)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _run_service(service, reactor) -> None:
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+def cmd_check(args) -> int:
+    try:
+        config = load(args.file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(config.summary())
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .service import StartupError, build_service
+    try:
+        config = load(args.file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
+        service = build_service(config)
+    except StartupError as e:
+        print(e, file=sys.stderr)
+        return 1
+    _start_logging(args.log_level)
+    _run_service(service, service.reactor)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args.listen, args.log_level, _start_logging, _run_service)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="twistproxy",
+        description="An edge proxy on Twisted: per-IP listeners, virtual hosts, "
+                    "mod_proxy-style reverse proxying.")
+    parser.add_argument("--version", action="version", version=f"twistproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", help="run the proxy in the foreground")
+    p.add_argument("file", help="the TOML configuration file")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="validate a configuration file and summarise it")
+    p.add_argument("file", help="the TOML configuration file")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("demo", help="start built-in backends and a proxy in front of them")
+    p.add_argument("--listen", default="127.0.0.1:8080",
+                   help="address:port of the demo proxy (default 127.0.0.1:8080)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
+    p.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,720 @@
+"""Configuration: a TOML file turned into frozen dataclasses, validated whole.
+
+Owns the schema (key names reuse mod_proxy's), defaults, and every check that can be
+made before a socket is bound. Pure: imports nothing from twisted.internet and opens
+no file but the one it is asked to read. Every problem is a ConfigError whose text is
+one line: ``FILE: key.path: 'value' problem``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+__all__ = [
+    "ConfigError", "Config", "ServerConfig", "ListenConfig", "VhostConfig",
+    "RouteConfig", "HeaderAction", "WorkerParams", "BalancerConfig", "MemberConfig",
+    "BackendURL", "load", "loads",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as one line for the operator."""
+
+
+# ---------------------------------------------------------------------------
+# the dataclasses
+
+
+@dataclass(frozen=True)
+class BackendURL:
+    scheme: str          # http, https, ws, wss or balancer
+    host: str            # lower-cased; for balancer:// the balancer's name
+    port: int            # explicit or the scheme's default (0 for balancer)
+    path: str            # as written, may be "" ; may contain $1..$9 for regex routes
+    raw: str
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in ("https", "wss")
+
+    @property
+    def is_balancer(self) -> bool:
+        return self.scheme == "balancer"
+
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port], default port dropped: the worker's name."""
+        default = _DEFAULT_PORTS.get(self.scheme)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.is_balancer or self.port == default:
+            return f"{self.scheme}://{host}"
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def hostport(self) -> str:
+        """What a Host header naming this backend says (port only if not default)."""
+        return self.origin.split("://", 1)[1]
+
+
+@dataclass(frozen=True)
+class HeaderAction:
+    action: str          # set | add | unset
+    name: str
+    value: str = ""
+    always: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerParams:
+    """mod_proxy worker parameters (§2 of the reference). Durations are seconds."""
+    max: int | None = None
+    smax: int | None = None
+    ttl: float | None = None
+    acquire: float | None = None
+    connectiontimeout: float | None = None
+    timeout: float | None = None
+    disablereuse: bool = False
+    keepalive: bool = False
+    retry: float = 60.0
+    ping: float = 0.0
+    upgrade: str = ""
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    path: str | None = None
+    regex: str | None = None
+    url: BackendURL | None = None
+    exclude: bool = False
+    reverse: bool = False
+    match_headers: tuple[tuple[str, str], ...] = ()
+    cookie_domain: tuple[tuple[str, str], ...] = ()
+    cookie_path: tuple[tuple[str, str], ...] = ()
+    request_headers: tuple[HeaderAction, ...] = ()
+    response_headers: tuple[HeaderAction, ...] = ()
+    worker: WorkerParams = WorkerParams()
+    where: str = ""      # key path, for log lines ("vhost[0].route[2]")
+
+
+@dataclass(frozen=True)
+class VhostConfig:
+    server_name: str
+    server_alias: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ()   # normalised "addr:port" keys; empty: every listener
+    preserve_host: bool = False
+    add_headers: bool = True
+    proxy_via: str = "off"
+    proxy_chain_auth: bool = False
+    request_headers: tuple[HeaderAction, ...] = ()
+    response_headers: tuple[HeaderAction, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: str         # as written: one IP, "0.0.0.0", "::" or "*"
+    port: int
+
+    @property
+    def key(self) -> str:
+        return listen_key(self.address, self.port)
+
+    @property
+    def bind_address(self) -> str:
+        return "::" if self.address == "*" else self.address
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    url: BackendURL
+    route: str = ""
+    loadfactor: float = 1.0
+    lbset: int = 0
+    status: str = ""     # flags as written, e.g. "+H"
+    redirect: str = ""
+    worker: WorkerParams = WorkerParams()
+    hcmethod: str = "NONE"
+    hcuri: str = ""
+    hcinterval: float = 30.0
+    hcpasses: int = 1
+    hcfails: int = 1
+    hcexpect: tuple[int, int] = (200, 399)
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    name: str
+    lbmethod: str = "byrequests"
+    stickysession: str = ""
+    stickysessionsep: str = "."
+    scolonpathdelim: bool = False
+    nofailover: bool = False
+    maxattempts: int | None = None
+    timeout: float = 0.0
+    failonstatus: tuple[int, ...] = ()
+    failontimeout: bool = False
+    forcerecovery: bool = True
+    sticky_cookie: tuple[tuple[str, str], ...] = ()
+    members: tuple[MemberConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    access_log: str = "-"
+    server_tokens: str = "prod"
+    server_name: str = ""
+    timeout: float = 60.0
+    keepalive_timeout: float = 5.0
+    header_timeout: float = 20.0
+    limit_request_line: int = 8190
+    limit_request_fieldsize: int = 8190
+    limit_request_fields: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    listeners: tuple[ListenConfig, ...]
+    vhosts: tuple[VhostConfig, ...]
+    balancers: dict[str, BalancerConfig] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        routes = sum(len(v.routes) for v in self.vhosts)
+        members = sum(len(b.members) for b in self.balancers.values())
+        return (
+            f"{self.path}: ok: {len(self.listeners)} listener(s) "
+            f"({', '.join(l.key for l in self.listeners)}), {len(self.vhosts)} vhost(s), "
+            f"{routes} route(s), {len(self.balancers)} balancer(s) with {members} member(s)"
+        )
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return loads(text.decode("utf-8"), path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def loads(text: str, path: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return _Loader(path).config(data)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_PROXY_VIA = ("off", "on", "full", "block")
+_SERVER_TOKENS = ("prod", "full", "off")
+_LBMETHODS = ("byrequests", "bytraffic", "bybusyness")
+_HCMETHODS = ("NONE", "TCP", "OPTIONS", "HEAD", "GET")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
+
+_WORKER_KEYS = tuple(WorkerParams.__dataclass_fields__)
+
+
+def listen_key(address: str, port: int) -> str:
+    if address == "*":
+        return f"*:{port}"
+    ip = ipaddress.ip_address(address)
+    return f"[{ip.compressed}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+class _Loader:
+    def __init__(self, path: str):
+        self.path = path
+
+    # -- error helpers -----------------------------------------------------
+
+    def fail(self, where: str, value: Any, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {_show(value)} {problem}")
+
+    def table(self, where: str, value: Any, allowed: tuple[str, ...],
+              required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(where, value, "must be a table")
+        for key in value:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                tip = f" (did you mean '{hint[0]}'?)" if hint else \
+                    f" (known keys: {', '.join(allowed)})"
+                raise ConfigError(f"{self.path}: {_join(where, key)}: unknown key{tip}")
+        for key in required:
+            if key not in value:
+                raise ConfigError(f"{self.path}: {_join(where, key)}: missing (required)")
+        return value
+
+    def array_of_tables(self, where: str, value: Any) -> list:
+        if isinstance(value, dict):          # a single [x] where [[x]] was meant
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(where, value, "must be an array of tables ([[...]])")
+        return value
+
+    def typed(self, where: str, value: Any, kind: type | tuple, what: str) -> Any:
+        if isinstance(value, bool) and kind is not bool and bool not in _as_tuple(kind):
+            raise self.fail(where, value, f"must be {what}")
+        if not isinstance(value, kind):
+            raise self.fail(where, value, f"must be {what}")
+        return value
+
+    def boolean(self, where: str, value: Any) -> bool:
+        return self.typed(where, value, bool, "true or false")
+
+    def string(self, where: str, value: Any) -> str:
+        return self.typed(where, value, str, "a string")
+
+    def integer(self, where: str, value: Any, lo: int, hi: int) -> int:
+        self.typed(where, value, int, f"a whole number from {lo} to {hi}")
+        if not lo <= value <= hi:
+            raise self.fail(where, value, f"must be a whole number from {lo} to {hi}")
+        return value
+
+    def number(self, where: str, value: Any, lo: float, hi: float) -> float:
+        self.typed(where, value, (int, float), f"a number from {lo:g} to {hi:g}")
+        if not lo <= value <= hi:
+            raise self.fail(where, value, f"must be a number from {lo:g} to {hi:g}")
+        return float(value)
+
+    def duration(self, where: str, value: Any, lo: float = 0.0) -> float:
+        """Seconds: a number, or a string with an "s" or "ms" suffix."""
+        if isinstance(value, str):
+            m = _DURATION.match(value)
+            if not m:
+                raise self.fail(where, value, "must be seconds (a number, or '500ms', '2s')")
+            seconds = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            raise self.fail(where, value, "must be seconds (a number, or '500ms', '2s')")
+        if seconds < lo or seconds > 86400 * 365:
+            raise self.fail(where, value, f"must be at least {lo:g} seconds" if seconds < lo
+                            else "is longer than a year")
+        return seconds
+
+    def choice(self, where: str, value: Any, choices: tuple[str, ...],
+               fold: Callable[[str], str] = str.lower) -> str:
+        self.string(where, value)
+        if fold(value) not in choices:
+            raise self.fail(where, value, f"must be one of: {', '.join(choices)}")
+        return fold(value)
+
+    def strings(self, where: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(where, value, "must be a string or a list of strings")
+        return tuple(value)
+
+    def regex(self, where: str, value: Any) -> str:
+        self.string(where, value)
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise self.fail(where, value, f"is not a valid regular expression ({e})") from None
+        return value
+
+    # -- the document --------------------------------------------------------
+
+    def config(self, data: dict) -> Config:
+        self.table("(top level)", data, ("server", "listen", "vhost", "balancer"),
+                   required=("listen", "vhost"))
+        server = self.server(data.get("server", {}))
+        listeners = tuple(self.listener(f"listen[{i}]", v)
+                          for i, v in enumerate(self.array_of_tables("listen", data["listen"])))
+        if not listeners:
+            raise self.fail("listen", [], "must name at least one address and port")
+        self.check_listeners(listeners)
+        raw_bal = self.table("balancer", data.get("balancer", {}), tuple(data.get("balancer", {})))
+        balancers = {name: self.balancer(f"balancer.{name}", name, v)
+                     for name, v in raw_bal.items()}
+        vhosts = tuple(self.vhost(f"vhost[{i}]", v, listeners, balancers)
+                       for i, v in enumerate(self.array_of_tables("vhost", data["vhost"])))
+        if not vhosts:
+            raise self.fail("vhost", [], "must define at least one virtual host")
+        for i, l in enumerate(listeners):
+            if not any(not v.listen or l.key in v.listen for v in vhosts):
+                raise self.fail(f"listen[{i}]", l.key, "is served by no [[vhost]] "
+                                "(every vhost's 'listen' leaves it out)")
+        return Config(self.path, server, listeners, vhosts, balancers)
+
+    def server(self, raw: Any) -> ServerConfig:
+        w = "server"
+        raw = self.table(w, raw, tuple(ServerConfig.__dataclass_fields__))
+        d = ServerConfig()
+        return ServerConfig(
+            access_log=self.string(f"{w}.access_log", raw.get("access_log", d.access_log)),
+            server_tokens=self.choice(f"{w}.server_tokens",
+                                      raw.get("server_tokens", d.server_tokens), _SERVER_TOKENS),
+            server_name=self.string(f"{w}.server_name", raw.get("server_name", d.server_name)),
+            timeout=self.duration(f"{w}.timeout", raw.get("timeout", d.timeout), lo=0.001),
+            keepalive_timeout=self.duration(f"{w}.keepalive_timeout",
+                                            raw.get("keepalive_timeout", d.keepalive_timeout)),
+            header_timeout=self.duration(f"{w}.header_timeout",
+                                         raw.get("header_timeout", d.header_timeout), lo=0.001),
+            limit_request_line=self.integer(f"{w}.limit_request_line",
+                                            raw.get("limit_request_line", d.limit_request_line),
+                                            64, 1 << 20),
+            limit_request_fieldsize=self.integer(
+                f"{w}.limit_request_fieldsize",
+                raw.get("limit_request_fieldsize", d.limit_request_fieldsize), 64, 1 << 20),
+            limit_request_fields=self.integer(
+                f"{w}.limit_request_fields",
+                raw.get("limit_request_fields", d.limit_request_fields), 1, 10000),
+        )
+
+    def listener(self, w: str, raw: Any) -> ListenConfig:
+        if isinstance(raw, dict) and "tls" in raw:
+            raise self.fail(f"{w}.tls", raw["tls"],
+                            "is not supported yet: TLS termination is not implemented "
+                            "in this version")
+        raw = self.table(w, raw, ("address", "port"), required=("address", "port"))
+        address = self.string(f"{w}.address", raw["address"]).strip()
+        if address != "*":
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise self.fail(f"{w}.address", address,
+                                "is not an IP address (use one IPv4 or IPv6 address, "
+                                "'0.0.0.0', '::' or '*'; host names are not resolved)") from None
+        port = self.integer(f"{w}.port", raw["port"], 1, 65535)
+        return ListenConfig(address, port)
+
+    def check_listeners(self, listeners: tuple[ListenConfig, ...]) -> None:
+        seen: dict[str, int] = {}
+        for i, l in enumerate(listeners):
+            if l.key in seen:
+                raise self.fail(f"listen[{i}]", l.key,
+                                f"is already defined by listen[{seen[l.key]}]")
+            seen[l.key] = i
+        # A wildcard and a specific address on the same port cannot both be bound.
+        for i, a in enumerate(listeners):
+            for j, b in enumerate(listeners[:i]):
+                if a.port == b.port and (_is_wildcard(a.address) or _is_wildcard(b.address)) \
+                        and _same_family_or_star(a.address, b.address):
+                    raise self.fail(f"listen[{i}]", a.key,
+                                    f"overlaps listen[{j}] ({b.key}): a wildcard address and "
+                                    "another address cannot share a port; list each IP instead")
+
+    def vhost(self, w: str, raw: Any, listeners, balancers) -> VhostConfig:
+        raw = self.table(w, raw, ("server_name", "server_alias", "listen", "preserve_host",
+                                  "add_headers", "proxy_via", "proxy_chain_auth", "request_headers",
+                                  "response_headers", "route"), required=("server_name",))
+        name = self.hostname(f"{w}.server_name", raw["server_name"], wildcard=False)
+        aliases = tuple(self.hostname(f"{w}.server_alias[{i}]", a, wildcard=True)
+                        for i, a in enumerate(self.strings(f"{w}.server_alias",
+                                                           raw.get("server_alias", []))))
+        keys = {l.key for l in listeners}
+        listen = []
+        for i, item in enumerate(self.strings(f"{w}.listen", raw.get("listen", []))):
+            key = self.listen_ref(f"{w}.listen[{i}]", item)
+            if key not in keys:
+                raise self.fail(f"{w}.listen[{i}]", item,
+                                f"names no [[listen]] (defined: {', '.join(sorted(keys))})")
+            listen.append(key)
+        routes = tuple(self.route(f"{w}.route[{i}]", r, balancers)
+                       for i, r in enumerate(self.array_of_tables(f"{w}.route",
+                                                                  raw.get("route", []))))
+        return VhostConfig(
+            server_name=name,
+            server_alias=aliases,
+            listen=tuple(listen),
+            preserve_host=self.boolean(f"{w}.preserve_host", raw.get("preserve_host", False)),
+            add_headers=self.boolean(f"{w}.add_headers", raw.get("add_headers", True)),
+            proxy_via=self.choice(f"{w}.proxy_via", raw.get("proxy_via", "off"), _PROXY_VIA),
+            proxy_chain_auth=self.boolean(f"{w}.proxy_chain_auth",
+                                          raw.get("proxy_chain_auth", False)),
+            request_headers=self.header_actions(f"{w}.request_headers",
+                                                raw.get("request_headers", [])),
+            response_headers=self.header_actions(f"{w}.response_headers",
+                                                 raw.get("response_headers", [])),
+            routes=routes,
+        )
+
+    def hostname(self, w: str, value: Any, wildcard: bool) -> str:
+        self.string(w, value)
+        name = value.strip().lower().rstrip(".")
+        body = name[2:] if wildcard and name.startswith("*.") else name
+        if not body or not re.fullmatch(r"[a-z0-9_]([a-z0-9_\-]*[a-z0-9_])?"
+                                        r"(\.[a-z0-9_]([a-z0-9_\-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\]",
+                                        body):
+            allowed = "a host name, or '*.domain'" if wildcard else "a host name"
+            raise self.fail(w, value, f"is not {allowed}")
+        return name
+
+    def listen_ref(self, w: str, value: str) -> str:
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([0-9.]+|\*):(\d+)", value.strip())
+        try:
+            if not m:
+                raise ValueError
+            addr, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            return listen_key(addr, int(port))
+        except ValueError:
+            raise self.fail(w, value, "must be 'ADDRESS:PORT' (e.g. '127.0.0.2:80', "
+                                      "'[::1]:8080', '*:80')") from None
+
+    def header_actions(self, w: str, raw: Any) -> tuple[HeaderAction, ...]:
+        out = []
+        for i, item in enumerate(self.array_of_tables(w, raw)):
+            iw = f"{w}[{i}]"
+            self.table(iw, item, ("action", "name", "value", "always"),
+                       required=("action", "name"))
+            action = self.choice(f"{iw}.action", item["action"], ("set", "add", "unset"))
+            name = self.string(f"{iw}.name", item["name"])
+            if not _TOKEN.match(name):
+                raise self.fail(f"{iw}.name", name, "is not a valid header name")
+            value = self.string(f"{iw}.value", item.get("value", ""))
+            if action != "unset" and "value" not in item:
+                raise ConfigError(f"{self.path}: {iw}.value: missing (required for '{action}')")
+            if any(c in value for c in "\r\n\0"):
+                raise self.fail(f"{iw}.value", value, "must not contain CR, LF or NUL")
+            out.append(HeaderAction(action, name, value,
+                                    self.boolean(f"{iw}.always", item.get("always", False))))
+        return tuple(out)
+
+    def route(self, w: str, raw: Any, balancers) -> RouteConfig:
+        allowed = ("path", "regex", "url", "exclude", "reverse", "match_headers",
+                   "cookie_domain", "cookie_path", "request_headers", "response_headers",
+                   *_WORKER_KEYS)
+        raw = self.table(w, raw, allowed)
+        if ("path" in raw) == ("regex" in raw):
+            raise ConfigError(f"{self.path}: {w}: needs exactly one of 'path' or 'regex'")
+        path = regex = None
+        groups = 0
+        if "path" in raw:
+            path = self.string(f"{w}.path", raw["path"])
+            if not path.startswith("/"):
+                raise self.fail(f"{w}.path", path, "must start with '/'")
+        else:
+            regex = self.regex(f"{w}.regex", raw["regex"])
+            groups = re.compile(regex).groups
+        exclude = self.boolean(f"{w}.exclude", raw.get("exclude", False))
+        url = None
+        if exclude:
+            if "url" in raw:
+                raise self.fail(f"{w}.url", raw["url"], "makes no sense with exclude = true")
+        elif "url" not in raw:
+            raise ConfigError(f"{self.path}: {w}: needs 'url' (or exclude = true)")
+        else:
+            url = self.backend_url(f"{w}.url", raw["url"], balancers, groups)
+        reverse = self.boolean(f"{w}.reverse", raw.get("reverse", False))
+        if reverse and (regex is not None or exclude):
+            raise self.fail(f"{w}.reverse", reverse, "needs a 'path' route with a 'url' "
+                            "(ProxyPassReverse maps a backend URL back to a path)")
+        match_headers = []
+        for name, pattern in self.table(f"{w}.match_headers", raw.get("match_headers", {}),
+                                        tuple(raw.get("match_headers", {}) or ())).items():
+            if not _TOKEN.match(name):
+                raise self.fail(f"{w}.match_headers", name, "is not a valid header name")
+            match_headers.append((name, self.regex(f"{w}.match_headers.{name}", pattern)))
+        return RouteConfig(
+            path=path, regex=regex, url=url, exclude=exclude,
+            reverse=reverse,
+            match_headers=tuple(match_headers),
+            cookie_domain=self.mapping(f"{w}.cookie_domain", raw.get("cookie_domain", {})),
+            cookie_path=self.mapping(f"{w}.cookie_path", raw.get("cookie_path", {})),
+            request_headers=self.header_actions(f"{w}.request_headers",
+                                                raw.get("request_headers", [])),
+            response_headers=self.header_actions(f"{w}.response_headers",
+                                                 raw.get("response_headers", [])),
+            worker=self.worker(w, raw),
+            where=w,
+        )
+
+    def mapping(self, w: str, raw: Any) -> tuple[tuple[str, str], ...]:
+        raw = self.table(w, raw, tuple(raw) if isinstance(raw, dict) else ())
+        return tuple((k, self.string(f"{w}.{_quote_key(k)}", v)) for k, v in raw.items())
+
+    def worker(self, w: str, raw: dict) -> WorkerParams:
+        d = WorkerParams()
+        g = raw.get
+        smax = self.integer(f"{w}.smax", g("smax"), 0, 100000) if "smax" in raw else None
+        mx = self.integer(f"{w}.max", g("max"), 1, 100000) if "max" in raw else None
+        if smax is not None and mx is not None and smax > mx:
+            raise self.fail(f"{w}.smax", smax, f"must not exceed max ({mx})")
+        opt = lambda k, lo=0.0: self.duration(f"{w}.{k}", g(k), lo) if k in raw else None
+        upgrade = self.string(f"{w}.upgrade", g("upgrade", d.upgrade))
+        return WorkerParams(
+            max=mx, smax=smax,
+            ttl=opt("ttl", 0.001), acquire=opt("acquire", 0.001),
+            connectiontimeout=opt("connectiontimeout", 0.001), timeout=opt("timeout", 0.001),
+            disablereuse=self.boolean(f"{w}.disablereuse", g("disablereuse", d.disablereuse)),
+            keepalive=self.boolean(f"{w}.keepalive", g("keepalive", d.keepalive)),
+            retry=self.duration(f"{w}.retry", g("retry", d.retry)),
+            ping=self.duration(f"{w}.ping", g("ping", d.ping)),
+            upgrade=upgrade,
+        )
+
+    def backend_url(self, w: str, value: Any, balancers, groups: int = 0,
+                    balancer_ok: bool = True) -> BackendURL:
+        self.string(w, value)
+        kinds = "an http, https, ws, wss or balancer URL" if balancer_ok else \
+            "an http, https, ws or wss URL"
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise self.fail(w, value, f"is not {kinds}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS and not (balancer_ok and scheme == "balancer"):
+            raise self.fail(w, value, f"is not {kinds}")
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise self.fail(w, value, "has no host")
+        if "$" in parts.netloc or "$" in scheme:
+            raise self.fail(w, value, "must not substitute $N into the scheme or host")
+        if parts.fragment or parts.username or parts.password:
+            raise self.fail(w, value, "must not contain a fragment or user:password@")
+        for n in re.findall(r"\$(\d)", parts.path + parts.query):
+            if int(n) > groups:
+                raise self.fail(w, value, f"uses ${n} but the regex has {groups} group(s)")
+        if scheme == "balancer":
+            if port is not None:
+                raise self.fail(w, value, "must be balancer://NAME/path (no port)")
+            if host not in balancers:
+                known = ", ".join(sorted(balancers)) or "none defined"
+                raise self.fail(w, value, f"names an undefined balancer ({known})")
+            port = 0
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return BackendURL(scheme, host, port or _DEFAULT_PORTS.get(scheme, 0), path, value)
+
+    def balancer(self, w: str, name: str, raw: Any) -> BalancerConfig:
+        if not re.fullmatch(r"[a-z0-9_][a-z0-9_\-]*", name):
+            raise self.fail(w, name, "is not a valid balancer name "
+                                     "(lower-case letters, digits, '_' and '-')")
+        allowed = tuple(BalancerConfig.__dataclass_fields__) + ("member",)
+        allowed = tuple(k for k in allowed if k not in ("name", "members"))
+        raw = self.table(w, raw, allowed, required=("member",))
+        d = BalancerConfig(name)
+        members = tuple(self.member(f"{w}.member[{i}]", m)
+                        for i, m in enumerate(self.array_of_tables(f"{w}.member", raw["member"])))
+        if not members:
+            raise self.fail(f"{w}.member", [], "must list at least one member")
+        routes = [m.route for m in members if m.route]
+        for i, m in enumerate(members):
+            if m.route and routes.count(m.route) > 1:
+                raise self.fail(f"{w}.member[{i}].route", m.route, "is used by two members")
+            if m.redirect and m.redirect not in routes:
+                raise self.fail(f"{w}.member[{i}].redirect", m.redirect,
+                                "names no member's route")
+        sep = self.string(f"{w}.stickysessionsep", raw.get("stickysessionsep", "."))
+        if sep.lower() == "off":
+            sep = ""
+        elif len(sep) != 1:
+            raise self.fail(f"{w}.stickysessionsep", sep, "must be one character or 'Off'")
+        sticky = self.string(f"{w}.stickysession", raw.get("stickysession", ""))
+        if sticky and not all(_TOKEN.match(p) for p in sticky.split("|", 1)):
+            raise self.fail(f"{w}.stickysession", sticky, "must be NAME or COOKIE|PARAM")
+        cookie = ()
+        if "sticky_cookie" in raw:
+            cw = f"{w}.sticky_cookie"
+            sc = self.table(cw, raw["sticky_cookie"], ("name", "path"), required=("name",))
+            cname = self.string(f"{cw}.name", sc["name"])
+            if not _TOKEN.match(cname):
+                raise self.fail(f"{cw}.name", cname, "is not a valid cookie name")
+            cookie = (("name", cname), ("path", self.string(f"{cw}.path", sc.get("path", "/"))))
+        statuses = raw.get("failonstatus", [])
+        if not isinstance(statuses, list):
+            statuses = [statuses]
+        return BalancerConfig(
+            name=name,
+            lbmethod=self.choice(f"{w}.lbmethod", raw.get("lbmethod", d.lbmethod), _LBMETHODS),
+            stickysession=sticky,
+            stickysessionsep=sep,
+            scolonpathdelim=self.boolean(f"{w}.scolonpathdelim",
+                                         raw.get("scolonpathdelim", False)),
+            nofailover=self.boolean(f"{w}.nofailover", raw.get("nofailover", False)),
+            maxattempts=(self.integer(f"{w}.maxattempts", raw["maxattempts"], 0, 100)
+                         if "maxattempts" in raw else None),
+            timeout=self.duration(f"{w}.timeout", raw.get("timeout", 0)),
+            failonstatus=tuple(self.integer(f"{w}.failonstatus[{i}]", s, 100, 599)
+                               for i, s in enumerate(statuses)),
+            failontimeout=self.boolean(f"{w}.failontimeout", raw.get("failontimeout", False)),
+            forcerecovery=self.boolean(f"{w}.forcerecovery", raw.get("forcerecovery", True)),
+            sticky_cookie=cookie,
+            members=members,
+        )
+
+    def member(self, w: str, raw: Any) -> MemberConfig:
+        allowed = tuple(k for k in MemberConfig.__dataclass_fields__ if k != "worker") \
+            + _WORKER_KEYS
+        raw = self.table(w, raw, allowed, required=("url",))
+        d = MemberConfig(url=None)  # type: ignore[arg-type]
+        url = self.backend_url(f"{w}.url", raw["url"], {}, balancer_ok=False)
+        route = self.string(f"{w}.route", raw.get("route", ""))
+        if len(route) > 63 or (route and not _TOKEN.match(route)):
+            raise self.fail(f"{w}.route", route, "must be a token of at most 63 characters")
+        status = self.string(f"{w}.status", raw.get("status", ""))
+        if not re.fullmatch(r"([+-]?[DSIHENC])*", status.upper()):
+            raise self.fail(f"{w}.status", status,
+                            "must be flags D, S, I, H, E, N or C, each optionally after + or -")
+        expect = raw.get("hcexpect", [200, 399])
+        if (not isinstance(expect, list) or len(expect) != 2
+                or not all(isinstance(x, int) and 100 <= x <= 599 for x in expect)
+                or expect[0] > expect[1]):
+            raise self.fail(f"{w}.hcexpect", expect, "must be [LOW, HIGH] status codes")
+        return MemberConfig(
+            url=url, route=route,
+            loadfactor=self.number(f"{w}.loadfactor", raw.get("loadfactor", 1), 1, 100),
+            lbset=self.integer(f"{w}.lbset", raw.get("lbset", 0), 0, 99),
+            status=status.upper(),
+            redirect=self.string(f"{w}.redirect", raw.get("redirect", "")),
+            worker=self.worker(w, raw),
+            hcmethod=self.choice(f"{w}.hcmethod", raw.get("hcmethod", d.hcmethod), _HCMETHODS,
+                                 fold=str.upper),
+            hcuri=self.string(f"{w}.hcuri", raw.get("hcuri", d.hcuri)),
+            hcinterval=self.duration(f"{w}.hcinterval", raw.get("hcinterval", d.hcinterval), 0.1),
+            hcpasses=self.integer(f"{w}.hcpasses", raw.get("hcpasses", d.hcpasses), 1, 1000),
+            hcfails=self.integer(f"{w}.hcfails", raw.get("hcfails", d.hcfails), 1, 1000),
+            hcexpect=(expect[0], expect[1]),
+        )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{...}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _join(where: str, key: str) -> str:
+    return _quote_key(key) if where == "(top level)" else f"{where}.{_quote_key(key)}"
+
+
+def _quote_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else f'"{key}"'
+
+
+def _as_tuple(kind):
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _is_wildcard(address: str) -> bool:
+    return address in ("*", "0.0.0.0", "::")
+
+
+def _same_family_or_star(a: str, b: str) -> bool:
+    if "*" in (a, b) or "::" in (a, b):
+        return True          # "::" is dual-stack on Linux: it collides with IPv4 too
+    return (":" in a) == (":" in b)

@@ -1,0 +1,317 @@
+"""The reverse-proxy exchange: one client request relayed to one backend and back.
+
+Owns what happens between a routed request and its response: building the forwarded
+head, streaming the body both ways with backpressure (each side's transport full
+pauses the other side's reading, never a buffer), relaying 1xx, deciding whether
+the backend connection can be reused, one transparent retry on a stale keep-alive
+connection, and turning backend failures into 502/503/504 with a log line.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from .. import headers as H
+from ..wire.messages import serialize_headers
+
+log = Logger(namespace="twistproxy.reverse")
+
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+class ReverseExchange:
+    __slots__ = ("ctx", "conn", "req", "rt", "target", "pool", "backend_name", "member",
+                 "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
+                 "response_started", "done", "timer", "last_activity", "timeout",
+                 "retried", "backend_version", "received", "choice", "trailers_out",
+                 "expect_continue", "sent_bytes")
+
+    def __init__(self, ctx, conn, req, rt, target: bytes, pool, backend_name: str,
+                 member=None, choice=None):
+        self.ctx = ctx
+        self.conn = conn
+        self.req = req
+        self.rt = rt                      # the route's runtime (handlers/runtime.py)
+        self.target = target
+        self.pool = pool
+        self.backend_name = backend_name
+        self.member = member
+        self.choice = choice
+        self.bconn = None
+        self.early = None
+        self.body_chunked = False
+        self.body_sent = 0
+        self.body_done = False
+        self.response_started = False
+        self.done = False
+        self.timer = None
+        self.last_activity = 0.0
+        self.timeout = rt.timeout
+        self.retried = False
+        self.backend_version = "1.1"
+        self.received = 0
+        self.sent_bytes = 0
+        self.trailers_out = None
+        self.expect_continue = False
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        req, conn = self.req, self.conn
+        req.backend = self.backend_name
+        self.head = self._build_head()
+        self.early = conn.attach(req, self)
+        if not req.complete:
+            conn.pause_reading()     # until a backend connection takes the body
+        self._arm(self.rt.connect_timeout + 1.0)
+        self.pool.acquire(self)
+
+    def _build_head(self) -> bytes:
+        req, rt = self.req, self.rt
+        vh = rt.vhost
+        hdrs, _host = H.request_to_backend(
+            req.headers, client_ip=self.conn.peer_ip,
+            backend_hostport=self.pool.hostport, preserve_host=vh.preserve_host,
+            add_headers=vh.add_headers, server_name=rt.server_name, via=vh.proxy_via,
+            via_name=rt.via_name, client_version=req.version,
+            proxy_chain_auth=vh.proxy_chain_auth)
+        if rt.request_actions:
+            hdrs = H.apply_actions(hdrs, rt.request_actions)
+        framing = b""
+        if req.has_body:
+            length = None
+            for n, v in req.headers:
+                ln = n.lower()
+                if ln == b"transfer-encoding":
+                    length = None
+                    self.body_chunked = True
+                    break
+                if ln == b"content-length":
+                    length = int(v)
+            if self.body_chunked:
+                framing = b"Transfer-Encoding: chunked\r\n"
+            elif length is not None:
+                framing = b"Content-Length: %d\r\n" % length
+            for n, v in req.headers:
+                if n.lower() == b"expect" and v.strip().lower() == b"100-continue":
+                    self.expect_continue = True
+                    framing += b"Expect: 100-continue\r\n"
+                    break
+        if self.rt.disablereuse:
+            framing += b"Connection: close\r\n"
+        return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (req.method, self.target,
+                                               serialize_headers(hdrs), framing)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        reactor = self.ctx.reactor
+        self.last_activity = reactor.seconds()
+        if self.timer is None:
+            self.timer = reactor.callLater(seconds, self._check_timeout)
+        else:
+            self.timer.reset(seconds)
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        reactor = self.ctx.reactor
+        idle = reactor.seconds() - self.last_activity
+        if self.bconn is not None and (idle < self.timeout or self.bconn.paused):
+            # still moving, or waiting on the client (its own timeouts apply)
+            self.timer = reactor.callLater(max(self.timeout - idle, 0.05) if not
+                                           self.bconn.paused else self.timeout,
+                                           self._check_timeout)
+            return
+        if self.bconn is None:
+            self._fail(503, "connect timed out")
+        else:
+            self._fail(504, f"no answer within {self.timeout:g}s")
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    # -- backend connection -------------------------------------------------------------------
+
+    def backend_connected(self, bconn, reused: bool) -> None:
+        if self.done:
+            self.pool.release(bconn)
+            return
+        self.bconn = bconn
+        req = self.req
+        bconn.begin(self, self.head, req.method == b"HEAD")
+        self._arm(self.timeout)
+        early, self.early = self.early, None
+        if early:
+            for chunk in early:
+                self._send_body(chunk)
+        if req.complete:
+            self._end_body(req.trailers)
+        else:
+            self.conn.resume_reading()
+
+    def backend_connect_failed(self, why: str) -> None:
+        if self.done:
+            return
+        self._fail(503, why)
+
+    # -- request body: client -> backend ----------------------------------------------------------
+
+    def client_body(self, data: bytes) -> None:
+        if self.bconn is None:
+            if self.early is None:
+                self.early = []
+            self.early.append(data)      # reading is paused: at most one read's worth
+        elif not self.done:
+            self._send_body(data)
+
+    def _send_body(self, data: bytes) -> None:
+        self.body_sent += len(data)
+        self.last_activity = self.ctx.reactor.seconds()
+        if self.body_chunked:
+            self.bconn.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.bconn.write(data)
+
+    def client_body_end(self, trailers) -> None:
+        if self.bconn is not None and not self.done:
+            self._end_body(trailers)
+
+    def _end_body(self, trailers) -> None:
+        self.body_done = True
+        if self.body_chunked:
+            if trailers:
+                self.bconn.write(b"0\r\n%s\r\n" % serialize_headers(trailers))
+            else:
+                self.bconn.write(b"0\r\n\r\n")
+
+    def backend_full(self) -> None:
+        self.conn.pause_reading()
+
+    def backend_drained(self) -> None:
+        self.conn.resume_reading()
+
+    # -- response: backend -> client -----------------------------------------------------------
+
+    def backend_interim(self, status: int, rsn: bytes, headers) -> None:
+        self.last_activity = self.ctx.reactor.seconds()
+        if status == 100 and not self.expect_continue:
+            return
+        self.conn.send_interim(self.req, status, rsn,
+                               H.response_to_client(headers, via="off", via_name=b"",
+                                                    backend_version=b"1.1"))
+
+    def backend_head(self, status: int, rsn: bytes, version: str, headers, length, bodyless):
+        if self.done:
+            return
+        self.response_started = True
+        self.last_activity = self.ctx.reactor.seconds()
+        req, rt = self.req, self.rt
+        out = H.response_to_client(headers, via=rt.vhost.proxy_via, via_name=rt.via_name,
+                                   backend_version=version.encode("ascii"))
+        if rt.reverse_map is not None:
+            out = rt.reverse_map.rewrite(out, self._public_base())
+        if rt.response_actions:
+            out = H.apply_actions(out, rt.response_actions)
+        if self.choice is not None and self.choice.route_changed:
+            cookie = rt.sticky_cookie_header(self.member)
+            if cookie is not None:
+                out.append(cookie)
+        if bodyless and length is not None and (req.method == b"HEAD" or status == 304):
+            out.append((b"Content-Length", b"%d" % length))     # describes the GET body
+        self.conn.send_head(req, status, rsn or b"", out, None if bodyless else length,
+                            bodyless=bodyless)
+
+    def backend_body(self, data: bytes) -> None:
+        self.received += len(data)
+        self.last_activity = self.ctx.reactor.seconds()
+        self.conn.send_body(self.req, data)
+
+    def backend_complete(self, bconn, trailers) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._disarm()
+        self.bconn = None
+        if not self.body_done:
+            bconn.reusable = False      # the backend did not take the whole body
+        self._member_done(ok=True)
+        self.pool.release(bconn)
+        self.conn.end_response(self.req, trailers if trailers else None)
+
+    def backend_invalid(self, bconn, why: str) -> None:
+        if self.done:
+            return
+        bconn.close()
+        self.bconn = None
+        self._fail(502, why)
+
+    def backend_lost(self, bconn, reason) -> None:
+        if self.done:
+            return
+        self.bconn = None
+        if not self.response_started and bconn.uses > 1 and not bconn.got_bytes \
+                and not self.retried and (self.body_sent == 0 and self.early is None
+                                          or self.req.method in _IDEMPOTENT and
+                                          self.body_sent == 0):
+            # a kept-alive connection the backend closed as we sent: try a fresh one once
+            self.retried = True
+            self.pool.acquire_fresh(self)
+            return
+        why = "connection closed before a complete response" if bconn.got_bytes else \
+            "connection closed without a response"
+        self._fail(502, why)
+
+    # -- flow control from the client side ----------------------------------------------------------
+
+    def client_paused(self) -> None:
+        if self.bconn is not None:
+            self.bconn.pause()
+
+    def client_resumed(self) -> None:
+        if self.bconn is not None:
+            self.bconn.resume()
+            self.last_activity = self.ctx.reactor.seconds()
+
+    def client_gone(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._disarm()
+        if self.bconn is not None:
+            self.bconn.close()
+            self.bconn = None
+        self._member_done(ok=True)
+
+    # -- endings ------------------------------------------------------------------------------------
+
+    def _fail(self, status: int, why: str) -> None:
+        self.done = True
+        self._disarm()
+        if self.bconn is not None:
+            self.bconn.close()
+            self.bconn = None
+        self._member_done(ok=status != 503)
+        rt = self.rt
+        log.warn("{where}: backend {backend}: {why} -> {status}", where=rt.where,
+                 backend=self.backend_name, why=why, status=status)
+        if self.response_started:
+            self.conn.abort_response(self.req)
+        else:
+            self.req.exchange = None
+            self.conn.respond_error(self.req, status)
+
+    def _member_done(self, ok: bool) -> None:
+        member = self.member
+        if member is None:
+            return
+        self.member = None
+        self.rt.balancer_done(member, self.body_sent, self.received, ok)
+
+    def _public_base(self) -> bytes:
+        host = self.req.host or self.rt.vhost.server_name.encode("latin-1")
+        return self.conn.scheme + b"://" + host

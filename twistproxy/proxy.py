@@ -1,0 +1,235 @@
+"""What the listeners share: routing a parsed request to its handler, and the logs.
+
+Owns the ProxyContext (config, router, pools, balancers, access log, clock) and the
+dispatch of each request: request-target checks, vhost and route choice, Max-Forwards,
+backend choice; then the reverse handler takes over. Per-route facts that do not
+change per request (header actions, rewrite maps, timeouts) are computed once here.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from . import headers as H
+from .balancer import Balancer
+from .config import BackendURL, Config, RouteConfig, VhostConfig
+from .handlers.reverse import ReverseExchange
+from .pool import Pool
+from .routing import Router, normalize_path
+from .wire.messages import HttpDate
+
+log = Logger(namespace="twistproxy")
+
+
+class RouteRuntime:
+    """A route with everything the request path needs, resolved at start-up."""
+
+    def __init__(self, ctx: "ProxyContext", vhost: VhostConfig, route: RouteConfig,
+                 reverse_entries: list):
+        self.vhost = vhost
+        self.route = route
+        self.where = route.where
+        server = ctx.config.server
+        w = route.worker
+        self.timeout = w.timeout or server.timeout
+        self.connect_timeout = w.connectiontimeout or self.timeout
+        self.disablereuse = w.disablereuse
+        self.server_name = vhost.server_name.encode("idna")
+        self.via_name = self.server_name
+        self.request_actions = vhost.request_headers + route.request_headers
+        self.response_actions = vhost.response_headers + route.response_headers
+        self.error_actions = tuple(a for a in self.response_actions if a.always)
+        rmap = H.ReverseMap(reverse_entries, route.cookie_domain, route.cookie_path)
+        self.reverse_map = rmap if rmap else None
+        url = route.url
+        self.balancer: Balancer | None = None
+        self.pool: Pool | None = None
+        self.backend_name = ""
+        if url is not None and url.is_balancer:
+            self.balancer = ctx.balancers[url.host]
+            self.member_pools = {id(m): ctx.pool_for(m.config.url, m.config.worker, server)
+                                 for m in self.balancer.members}
+            cookie = dict(ctx.config.balancers[url.host].sticky_cookie)
+            self._sticky_cookie = cookie or None
+        elif url is not None:
+            self.pool = ctx.pool_for(url, w, server)
+            self.backend_name = url.origin
+
+    def sticky_cookie_header(self, member) -> tuple[bytes, bytes] | None:
+        c = self._sticky_cookie if self.balancer is not None else None
+        if c is None or member is None or not member.route:
+            return None
+        return (b"Set-Cookie", f"{c['name']}=.{member.route}; Path={c['path']}".encode())
+
+    def balancer_done(self, member, sent: int, received: int, ok: bool) -> None:
+        self.balancer.done(member, sent, received)
+        if not ok:
+            member.mark_error(self._now())
+
+    _now = None
+
+
+class ProxyContext:
+    def __init__(self, config: Config, reactor, access_log=None):
+        self.config = config
+        self.server = config.server
+        self.reactor = reactor
+        self.access_log = access_log
+        self.router = Router(config)
+        self.http_date = HttpDate(reactor.seconds)
+        self.server_header = H.server_header(config.server.server_tokens)
+        s = config.server
+        self.head_limit = s.limit_request_line + s.limit_request_fields * \
+            (s.limit_request_fieldsize + 2) + 4
+        self.pools: dict[tuple, Pool] = {}
+        self.balancers = {name: Balancer(b) for name, b in config.balancers.items()}
+        self.connections: set = set()
+        self.stopping = False
+        self.routes: dict[int, RouteRuntime] = {}
+        RouteRuntime._now = staticmethod(reactor.seconds)
+        for vhost in config.vhosts:
+            entries = self._reverse_entries(vhost)
+            for route in vhost.routes:
+                self.routes[id(route)] = RouteRuntime(self, vhost, route, entries)
+        self._vhost_errors = {id(v): tuple(a for a in v.response_headers if a.always)
+                              for v in config.vhosts}
+
+    def _reverse_entries(self, vhost: VhostConfig) -> list:
+        entries = []
+        for route in vhost.routes:
+            if not route.reverse or route.url is None:
+                continue
+            if route.url.is_balancer:
+                for m in self.config.balancers[route.url.host].members:
+                    base = m.url.origin + m.url.path.rstrip("/")
+                    entries.append((base + route.url.path, route.path))
+            else:
+                entries.append((route.url.origin + route.url.path, route.path))
+        return entries
+
+    def pool_for(self, url: BackendURL, worker, server) -> Pool:
+        key = (url.scheme in ("https", "wss"), url.host, url.port)
+        pool = self.pools.get(key)
+        if pool is None:
+            timeout = worker.timeout or server.timeout
+            tls_options = None
+            if url.tls:
+                from twisted.internet.ssl import optionsForClientTLS
+                tls_options = lambda host=url.host: optionsForClientTLS(host)
+            pool = self.pools[key] = Pool(
+                self.reactor, url.host, url.port, tls=url.tls,
+                connect_timeout=worker.connectiontimeout or timeout,
+                reuse=not worker.disablereuse, tls_options=tls_options)
+        return pool
+
+    # -- the client connections' questions ---------------------------------------------
+
+    def dispatch(self, conn, req) -> None:
+        target = req.target
+        method = req.method
+        if target[:1] == b"/":
+            raw_path, q, query = target.partition(b"?")
+        elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            # absolute-form: the authority overrides Host (RFC 9112 §3.2.2)
+            rest = target.split(b"://", 1)[1]
+            authority, slash, tail = rest.partition(b"/")
+            if not authority or b"@" in authority:
+                return self.reject(conn, req, 400, "bad absolute-form target")
+            req.host = authority
+            raw_path, q, query = (b"/" + tail).partition(b"?")
+        elif method == b"CONNECT":
+            return self.reject(conn, req, 405, "CONNECT is not enabled (proxy_requests)",
+                               headers=[(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS")])
+        elif target == b"*" and method == b"OPTIONS":
+            return conn.respond_error(req, 200, headers=[(b"Allow",
+                                      b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")],
+                                      body=b"")
+        else:
+            return self.reject(conn, req, 400, "bad request target")
+        if b"#" in raw_path:
+            return self.reject(conn, req, 400, "fragment in request target")
+        host = req.host.decode("latin-1") if req.host is not None else None
+        vhost = self.router.vhost_for(conn.listen_key, host)
+        path = normalize_path(raw_path.decode("latin-1"))
+        if path is None:
+            return self.reject(conn, req, 400, "invalid path")
+        match = self.router.route_for(vhost, path, query.decode("latin-1") if q else None,
+                                      req.header)
+        if match is None:
+            return self.reject(conn, req, 404, "no route", vhost=vhost)
+        rt = req.route = self.routes[id(match.route)]
+        try:
+            mf = H.max_forwards(req.headers, method)
+        except ValueError:
+            return self.reject(conn, req, 400, "invalid Max-Forwards", vhost=vhost)
+        if mf is not None:
+            if mf == 0:
+                return self._answer_max_forwards(conn, req)
+            req.headers = H.decrement_max_forwards(req.headers)
+        target_bytes = match.target.encode("latin-1")
+        if rt.balancer is not None:
+            return self._dispatch_balanced(conn, req, rt, target_bytes)
+        ReverseExchange(self, conn, req, rt, target_bytes, rt.pool, rt.backend_name).start()
+
+    def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes) -> None:
+        bal = rt.balancer
+        choice = bal.choose(target.decode("latin-1"), req.header("cookie"),
+                            self.reactor.seconds())
+        member = choice.member
+        if member is None:
+            why = (f"sticky route {choice.sticky_route!r} is unavailable and nofailover is on"
+                   if choice.sticky_route else "no usable member")
+            log.warn("{where}: balancer://{name}: {why} -> 503", where=rt.where,
+                     name=bal.name, why=why)
+            return conn.respond_error(req, 503)
+        base = member.config.url.path.rstrip("/")
+        full_target = base.encode("latin-1") + target if base else target
+        ReverseExchange(self, conn, req, rt, full_target, rt.member_pools[id(member)],
+                        f"balancer://{bal.name}|{member.name}|{member.route or '-'}",
+                        member=member, choice=choice).start()
+
+    def _answer_max_forwards(self, conn, req) -> None:
+        if req.method == b"TRACE":
+            body = req.request_line + b"\r\n" + b"".join(
+                b"%s: %s\r\n" % h for h in req.headers)
+            return conn.respond_error(req, 200, headers=[(b"Content-Type", b"message/http")],
+                                      body=body)
+        return conn.respond_error(req, 200, headers=[(b"Allow",
+                                  b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")], body=b"")
+
+    def reject(self, conn, req, status: int, why: str, headers=(), vhost=None) -> None:
+        self.log_rejected(conn, req, status, why)
+        conn.respond_error(req, status, headers=headers)
+
+    def log_rejected(self, conn, req, status: int, why: str) -> None:
+        log.info("{peer}: {status} {why}: {line!r}", peer=conn.peer_ip, status=status,
+                 why=why, line=req.request_line[:200])
+
+    def error_headers(self, conn, req, headers: list) -> list:
+        """Header actions marked `always` also apply to the proxy's own responses."""
+        rt = req.route
+        if rt is not None:
+            actions = rt.error_actions
+        else:
+            host = req.host.decode("latin-1") if req.host else None
+            actions = self._vhost_errors[id(self.router.vhost_for(conn.listen_key, host))]
+        return H.apply_actions(headers, actions, error_response=True) if actions else headers
+
+    def log_access(self, conn, req) -> None:
+        if self.access_log is None:
+            return
+        referer = ua = None
+        for n, v in req.headers:
+            ln = n.lower()
+            if ln == b"referer":
+                referer = v
+            elif ln == b"user-agent":
+                ua = v
+        self.access_log.log(conn.peer_ip, req.request_line, req.status, req.sent, referer,
+                            ua, req.started, req.backend)
+
+    def connection_made(self, conn) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn) -> None:
+        self.connections.discard(conn)

@@ -1,0 +1,99 @@
+"""The running proxy as a twisted.application service: listeners, context, log flushing.
+
+Owns start-up order (config validated, ports bound and the access log opened before
+any service starts, so a failure stops everything with one line) and graceful
+shutdown (stop accepting, let in-flight responses finish for a grace period).
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from .accesslog import AccessLog
+from .config import Config
+from .listeners import BindError, BoundSocket, bind_all
+from .proxy import ProxyContext
+from .wire.client import ClientFactory
+
+log = Logger(namespace="twistproxy")
+
+SHUTDOWN_GRACE = 10.0
+
+
+class StartupError(Exception):
+    """One line saying why the proxy cannot start."""
+
+
+class ProxyService(MultiService):
+    def __init__(self, config: Config, bound: list[BoundSocket], access_log: AccessLog | None,
+                 reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.bound = bound
+        self.access_log = access_log
+        self.ctx = ProxyContext(config, reactor, access_log)
+        self.ports = []
+        self._flusher = None
+
+    def addresses(self) -> dict[str, int]:
+        """Listener key -> the port actually bound (useful with port 0 in tests)."""
+        return {b.listen.key: b.port for b in self.bound}
+
+    def startService(self):
+        super().startService()
+        for b in self.bound:
+            factory = ClientFactory(self.ctx, b.listen.key)
+            self.ports.append(self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory))
+            b.sock.close()       # the reactor holds its own duplicate
+            log.info("listening on {key}", key=b.listen.key if b.listen.port else
+                     f"{b.listen.address}:{b.port}")
+        if self.access_log is not None:
+            self._flusher = task.LoopingCall(self.access_log.flush)
+            self._flusher.clock = self.reactor
+            self._flusher.start(1.0, now=False)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self.ctx.stopping = True
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports = []
+        for conn in list(self.ctx.connections):
+            if not conn.queue and conn.cur is None:
+                conn.transport.loseConnection()
+        waited = 0.0
+        while self.ctx.connections and waited < SHUTDOWN_GRACE:
+            yield task.deferLater(self.reactor, 0.1, lambda: None)
+            waited += 0.1
+        for conn in list(self.ctx.connections):
+            conn.transport.abortConnection()
+        for pool in self.ctx.pools.values():
+            pool.close_idle()
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        if self.access_log is not None:
+            self.access_log.close()
+        yield super().stopService()
+
+
+def build_service(config: Config, reactor=None) -> ProxyService:
+    """Bind every listener and open the access log, or raise StartupError."""
+    try:
+        bound = bind_all(config.listeners)
+    except BindError as e:
+        raise StartupError(str(e)) from None
+    access_log = None
+    target = config.server.access_log
+    if target:
+        try:
+            access_log = AccessLog(target)
+        except OSError as e:
+            for b in bound:
+                b.sock.close()
+            raise StartupError(f"{config.path}: server.access_log: {target!r} cannot be "
+                               f"opened: {e.strerror or e}") from None
+    return ProxyService(config, bound, access_log, reactor)

@@ -1,0 +1,224 @@
+"""The backend-facing HTTP/1.1 connection: one request at a time, response parsed strictly.
+
+Owns a TCP (or TLS) connection to one backend: writing a request head, parsing the
+response with httptools (llhttp), telling the current exchange what arrived, and
+deciding whether the connection can be reused. It never pipelines, so any byte that
+arrives while no request is outstanding means the connection cannot be trusted.
+What the exchange is told: backend_interim, backend_head, backend_body,
+backend_complete, backend_invalid, backend_lost.
+"""
+
+from __future__ import annotations
+
+import httptools
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from zope.interface import implementer
+
+_BODYLESS_STATUS = (204, 304)
+
+
+@implementer(IPushProducer)
+class _RequestFlow:
+    """Registered on the backend transport: its buffer filling pauses the client's reading."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def pauseProducing(self):
+        ex = self.conn.exchange
+        if ex is not None:
+            ex.backend_full()
+
+    def resumeProducing(self):
+        ex = self.conn.exchange
+        if ex is not None:
+            ex.backend_drained()
+
+    def stopProducing(self):
+        pass
+
+
+class BackendConnection(Protocol):
+    def __init__(self, pool):
+        self.pool = pool
+        self.exchange = None
+        self.uses = 0
+        self.reusable = True
+        self.connected_ok = False
+        self.idle_since = 0.0
+        self.paused = False
+        self.got_bytes = False
+        self._done = True
+        self._complete_pending = False
+        self._head_method = False
+        self._close_delimited = False
+        self._in_body = False
+        self._headers: list = []
+        self._trailers: list | None = None
+        self._reason = b""
+        self._interim = False
+
+    # -- connection life -------------------------------------------------------
+
+    def connectionMade(self):
+        self.connected_ok = True
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+        self.transport.registerProducer(_RequestFlow(self), True)
+
+    def connectionLost(self, reason=None):
+        self.connected_ok = False
+        self.reusable = False
+        ex = self.exchange
+        self.exchange = None
+        if ex is not None:
+            if self._in_body and self._close_delimited and not self._done:
+                self._done = True
+                ex.backend_complete(self, None)      # a body delimited by the close
+            else:
+                ex.backend_lost(self, reason)
+        self.pool.lost(self)
+
+    # -- requests ----------------------------------------------------------------
+
+    def begin(self, exchange, head: bytes, is_head: bool) -> None:
+        """Send a request head; the exchange then streams the body with write()."""
+        self.exchange = exchange
+        self.uses += 1
+        self.got_bytes = False
+        self._done = False
+        self._head_method = is_head
+        self._close_delimited = False
+        self._in_body = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pause(self):
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resume(self):
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def close(self):
+        self.reusable = False
+        self.exchange = None
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes):
+        ex = self.exchange
+        if ex is None or self._done:
+            # nothing was asked: a backend talking out of turn cannot be reused
+            self.reusable = False
+            self.transport.loseConnection()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if not self._complete_pending:
+                self.reusable = False
+                self._done = True
+                self.exchange = None
+                ex.backend_invalid(self, "a 101 response or upgrade that was not asked for")
+                return
+        except httptools.HttpParserError as e:
+            self.reusable = False
+            if not self._complete_pending:
+                self._done = True
+                self.exchange = None
+                ex.backend_invalid(self, f"invalid response: {e}")
+                return
+        if self._complete_pending:
+            self._complete_pending = False
+            self.exchange = None
+            ex.backend_complete(self, self._trailers)
+
+    # httptools callbacks
+
+    def on_message_begin(self):
+        if self._done:
+            self.reusable = False
+            return
+        self._headers = []
+        self._trailers = None
+        self._reason = b""
+        self._in_body = False
+
+    def on_status(self, rsn: bytes):
+        self._reason += rsn
+
+    def on_header(self, name: bytes, value: bytes):
+        if self._done:
+            return
+        if self._in_body:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self):
+        if self._done:
+            return
+        p = self.parser
+        status = p.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True
+            if status == 101:
+                raise _Unexpected101()
+            self.exchange.backend_interim(status, self._reason, self._headers)
+            return
+        self._interim = False
+        self._in_body = True
+        length = None
+        chunked = False
+        for n, v in self._headers:
+            ln = n.lower()
+            if ln == b"content-length":
+                length = int(v)
+            elif ln == b"transfer-encoding":
+                chunked = v.lower().rstrip().endswith(b"chunked")
+                length = None
+        if not p.should_keep_alive():
+            self.reusable = False
+        bodyless = self._head_method or status in _BODYLESS_STATUS
+        self._close_delimited = not bodyless and length is None and not chunked
+        if self._close_delimited:
+            self.reusable = False
+        self.exchange.backend_head(status, self._reason, p.get_http_version(), self._headers,
+                                   length, bodyless)
+        if self._head_method and not self._done:
+            # llhttp cannot be told the response answers HEAD: end it here
+            self._done = True
+            self._complete_pending = True
+
+    def on_body(self, data: bytes):
+        if self._done:
+            self.reusable = False       # bytes beyond what the response declared
+            return
+        self.exchange.backend_body(data)
+
+    def on_message_complete(self):
+        if self._done:
+            return
+        if self._interim:
+            self._interim = False
+            return
+        self._done = True
+        self._complete_pending = True
+
+
+class _Unexpected101(Exception):
+    pass

@@ -1,0 +1,514 @@
+"""The client-facing HTTP/1.1 connection: parsing, ordering and framing of exchanges.
+
+Owns one accepted connection: strict request parsing (httptools/llhttp), the limits
+and timeouts that protect the proxy from slow or hostile clients, pipelined requests
+answered in order, response framing towards the client, and the flow control of its
+transport. It knows nothing about backends: `ctx.dispatch` decides what answers each
+request (see handlers/reverse.py); this module only moves the bytes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import httptools
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .messages import error_body, reason, serialize_headers
+
+log = Logger()
+
+# Why reading from the client is paused (bits; reading resumes when none is set).
+PAUSE_BACKEND_FULL = 1     # the backend cannot take the request body as fast
+PAUSE_PIPELINE = 2         # a later request waits for the response to an earlier one
+PAUSE_CLOSING = 4          # the connection is being closed
+
+LINGER_SECONDS = 2.0
+
+_CHUNK_END = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Reject(Exception):
+    """Raised inside parser callbacks to answer with `status` and close."""
+
+    def __init__(self, status: int, why: str):
+        super().__init__(why)
+        self.status = status
+
+
+class Request:
+    """One request as received, and the state of its response."""
+
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade",
+                 "host", "has_body", "complete", "body", "exchange", "started",
+                 "status", "sent", "backend", "head_sent", "chunked_out", "bodyless_out",
+                 "local", "url_len", "trailers", "user", "in_body", "route")
+
+    def __init__(self, started: float):
+        self.started = started
+        self.method = b""
+        self.target = b""
+        self.version = b"1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.upgrade = False
+        self.host: bytes | None = None
+        self.has_body = False
+        self.complete = False
+        self.body: list[bytes] | None = []   # body bytes before an exchange takes them
+        self.exchange = None                 # what the body goes to, once dispatched
+        self.status = 0
+        self.sent = 0
+        self.backend = ""
+        self.head_sent = False
+        self.chunked_out = False
+        self.bodyless_out = False
+        self.local: tuple | None = None       # (status, why) for a pre-decided answer
+        self.url_len = 0
+        self.trailers: list | None = None
+        self.user = "-"
+        self.in_body = False
+        self.route = None                     # the route's runtime, once routed
+
+    def header(self, lname: str) -> str | None:
+        """Value of a header by lower-case name, repeated ones joined with ', '."""
+        key = lname.encode("latin-1")
+        values = [v for n, v in self.headers if n.lower() == key]
+        return b", ".join(values).decode("latin-1") if values else None
+
+    @property
+    def request_line(self) -> bytes:
+        return b"%s %s HTTP/%s" % (self.method, self.target, self.version)
+
+
+@implementer(IPushProducer)
+class _ResponseFlow:
+    """Registered on the client transport: its buffer filling pauses the active source."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def pauseProducing(self):
+        self.conn.writes_paused = True
+        ex = self.conn.active_exchange()
+        if ex is not None:
+            ex.client_paused()
+
+    def resumeProducing(self):
+        self.conn.writes_paused = False
+        ex = self.conn.active_exchange()
+        if ex is not None:
+            ex.client_resumed()
+
+    def stopProducing(self):
+        pass
+
+
+class ClientConnection(Protocol):
+    """Server side of one client connection. `ctx` supplies dispatch, limits, clock."""
+
+    def __init__(self, ctx, listen_key: str, scheme: bytes = b"http"):
+        self.ctx = ctx
+        self.listen_key = listen_key
+        self.scheme = scheme
+        self.queue: deque[Request] = deque()
+        self.cur: Request | None = None
+        self.paused = 0
+        self.writes_paused = False
+        self.closing = False
+        self.lingering = False
+        self.peer_ip = "-"
+        self.local_port = 0
+        self._timer = None
+        self._timer_kind = ""
+        self._last: Request | None = None
+        self._head_bytes = 0
+        self.requests_served = 0
+
+    # -- connection life -------------------------------------------------------
+
+    def connectionMade(self):
+        t = self.transport
+        self.peer_ip = t.getPeer().host
+        self.local_port = t.getHost().port
+        try:
+            t.setTcpNoDelay(True)
+        except Exception:
+            pass
+        self.parser = httptools.HttpRequestParser(self)
+        self.ctx.connection_made(self)
+        t.registerProducer(_ResponseFlow(self), True)
+        self._arm("header", self.ctx.server.header_timeout)
+
+    def connectionLost(self, reason=None):
+        self.closing = True
+        self._disarm()
+        for req in self.queue:
+            if req.exchange is not None:
+                req.exchange.client_gone()
+        self.queue.clear()
+        self.ctx.connection_closed(self)
+
+    # -- timers ------------------------------------------------------------------
+
+    def _arm(self, kind: str, seconds: float):
+        self._timer_kind = kind
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.ctx.reactor.callLater(seconds, self._timed_out)
+
+    def _disarm(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self):
+        self._timer = None
+        kind = self._timer_kind
+        if kind == "header" and (self.cur is not None or self.requests_served == 0) \
+                and not self.queue:
+            # Apache answers 408 to a request that never finished its head
+            if self.cur is not None:
+                self._send_bare(408)
+            self.transport.loseConnection()
+        elif kind == "linger" or kind == "idle":
+            self.transport.abortConnection() if kind == "linger" else \
+                self.transport.loseConnection()
+        elif kind == "header":
+            self.transport.loseConnection()
+
+    # -- reading ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes):
+        if self.lingering or self.closing:
+            return
+        cur = self.cur
+        if cur is not None and not cur.in_body:
+            # httptools buffers an unfinished field itself: bound the whole head
+            self._head_bytes += len(data)
+            if self._head_bytes > self.ctx.head_limit:
+                self._fail(431, "request head too large")
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade(data[e.args[0]:])
+        except httptools.HttpParserCallbackError as e:
+            ctx = e.__context__
+            if isinstance(ctx, Reject):
+                self._fail(ctx.status, str(ctx))
+            else:
+                log.failure("request handling failed", failure=None)
+                self._fail(500, f"internal error: {ctx!r}")
+        except httptools.HttpParserError as e:
+            self._fail(400, f"malformed request: {e}")
+
+    def _fail(self, status: int, why: str):
+        """A request could not be parsed: answer after earlier responses, then close."""
+        self._pause(PAUSE_CLOSING)
+        req = self.cur or Request(self.ctx.reactor.seconds())
+        self.cur = None
+        if not req.method:
+            req.method = b"-"
+        req.local = (status, why)
+        req.keep_alive = False
+        req.complete = True
+        req.body = None
+        self.queue.append(req)
+        if len(self.queue) == 1:
+            self._start(req)
+
+    # httptools callbacks
+
+    def on_message_begin(self):
+        self._head_bytes = 0
+        self.cur = Request(self.ctx.reactor.seconds())
+        if not self.queue:
+            self._arm("header", self.ctx.server.header_timeout)
+
+    def on_url(self, url: bytes):
+        req = self.cur
+        req.url_len += len(url)
+        if req.url_len > self.ctx.server.limit_request_line:
+            raise Reject(414, "request line too long")
+        req.target = req.target + url if req.target else url
+
+    def on_header(self, name: bytes, value: bytes):
+        req = self.cur
+        if req.in_body:              # trailer fields after a chunked body
+            if req.trailers is None:
+                req.trailers = []
+            req.trailers.append((name, value))
+            return
+        limits = self.ctx.server
+        if len(name) + len(value) + 2 > limits.limit_request_fieldsize:
+            raise Reject(431, f"header field {name[:40]!r} too long")
+        req.headers.append((name, value))
+        if len(req.headers) > limits.limit_request_fields:
+            raise Reject(431, "too many header fields")
+
+    def on_headers_complete(self):
+        req = self.cur
+        p = self.parser
+        req.method = p.get_method()
+        req.version = p.get_http_version().encode("ascii")
+        req.keep_alive = p.should_keep_alive()
+        req.upgrade = p.should_upgrade()
+        req.in_body = True
+        self._last = req
+        hosts = []
+        for n, v in req.headers:
+            ln = n.lower()
+            if ln == b"host":
+                hosts.append(v)
+            elif ln == b"content-length" or ln == b"transfer-encoding":
+                req.has_body = True
+        if len(hosts) > 1:
+            raise Reject(400, "more than one Host header")
+        if hosts:
+            req.host = hosts[0]
+        elif req.version == b"1.1":
+            raise Reject(400, "HTTP/1.1 request without Host")
+        self.queue.append(req)
+        if len(self.queue) == 1:
+            self._disarm()
+            self._start(req)
+        else:
+            self._pause(PAUSE_PIPELINE)
+
+    def on_body(self, data: bytes):
+        req = self.cur
+        if req.exchange is not None:
+            req.exchange.client_body(data)
+        elif req.body is not None:
+            req.body.append(data)
+
+    def on_message_complete(self):
+        req = self.cur
+        self.cur = None
+        if req is None:
+            return
+        req.complete = True
+        if req.exchange is not None:
+            req.exchange.client_body_end(req.trailers)
+        elif self.queue and self.queue[0] is req and req.head_sent:
+            self._finish(req)        # answered early; the rest of the body was dropped
+            return
+        if self.queue:
+            # bound what pipelining can queue: read no further until this is answered
+            self._pause(PAUSE_PIPELINE)
+
+    def on_chunk_header(self):
+        pass
+
+    def on_chunk_complete(self):
+        pass
+
+    def _upgrade(self, rest: bytes):
+        """llhttp stops at an Upgrade or CONNECT request; route it, or go on as HTTP."""
+        req = self._last
+        if req is not None and req.exchange is not None and \
+                getattr(req.exchange, "take_upgrade", None) is not None and \
+                req.exchange.take_upgrade(rest):
+            return
+        # Not tunnelled: carry on parsing what follows as the next request.
+        self.parser = httptools.HttpRequestParser(self)
+        if req is not None and req.has_body:
+            self._fail(400, "a body on an Upgrade request that is not tunnelled")
+            return
+        if rest:
+            self.dataReceived(rest)
+
+    # -- flow control --------------------------------------------------------------
+
+    def _pause(self, bit: int):
+        if not self.paused and not self.lingering:
+            self.transport.pauseProducing()
+        self.paused |= bit
+
+    def _resume(self, bit: int):
+        if self.paused & bit:
+            self.paused &= ~bit
+            if not self.paused and not self.closing:
+                self.transport.resumeProducing()
+
+    def pause_reading(self):
+        self._pause(PAUSE_BACKEND_FULL)
+
+    def resume_reading(self):
+        self._resume(PAUSE_BACKEND_FULL)
+
+    def active_exchange(self):
+        return self.queue[0].exchange if self.queue else None
+
+    # -- dispatch and responses ------------------------------------------------------
+
+    def _start(self, req: Request):
+        if req.local is not None:
+            status, why = req.local
+            self.ctx.log_rejected(self, req, status, why)
+            self.respond_error(req, status)
+            return
+        self.ctx.dispatch(self, req)
+
+    def attach(self, req: Request, exchange) -> list[bytes] | None:
+        """An exchange takes the request body: returns what arrived before it."""
+        req.exchange = exchange
+        early, req.body = req.body, None
+        return early
+
+    def send_interim(self, req: Request, status: int, rsn: bytes, headers) -> None:
+        if req.version != b"1.1" or req.head_sent:
+            return
+        self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n"
+                             % (status, rsn, serialize_headers(headers)))
+
+    def send_head(self, req: Request, status: int, rsn: bytes, headers: list,
+                  length: int | None, bodyless: bool = False) -> None:
+        """Status line and headers; framing (length, chunked or close) chosen here."""
+        req.status = status
+        req.head_sent = True
+        req.bodyless_out = bodyless
+        extra = []
+        if bodyless:
+            pass
+        elif length is not None:
+            extra.append(b"Content-Length: %d\r\n" % length)
+        elif req.version == b"1.1":
+            req.chunked_out = True
+            extra.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            req.keep_alive = False       # an HTTP/1.0 client: the body ends at close
+        if not req.complete or self.ctx.stopping:
+            req.keep_alive = False   # answered before the body ended, or shutting down
+        if not req.keep_alive:
+            extra.append(b"Connection: close\r\n")
+        elif req.version == b"1.0":
+            extra.append(b"Connection: keep-alive\r\n")
+        ctx = self.ctx
+        has_date = has_server = False
+        for n, _ in headers:
+            ln = n.lower()
+            if ln == b"date":
+                has_date = True
+            elif ln == b"server":
+                has_server = True
+        if not has_date:
+            extra.append(b"Date: %s\r\n" % ctx.http_date())
+        if not has_server and ctx.server_header:
+            extra.append(b"Server: %s\r\n" % ctx.server_header)
+        self.transport.write(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+            status, rsn, serialize_headers(headers), b"".join(extra)))
+
+    def send_body(self, req: Request, data: bytes) -> None:
+        if not data or req.bodyless_out:
+            return
+        req.sent += len(data)
+        if req.chunked_out:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, _CHUNK_END))
+        else:
+            self.transport.write(data)
+
+    def end_response(self, req: Request, trailers=None) -> None:
+        if req.chunked_out:
+            if trailers:
+                self.transport.write(b"0\r\n%s\r\n" % serialize_headers(trailers))
+            else:
+                self.transport.write(_LAST_CHUNK)
+        req.exchange = None
+        if req.complete:
+            self._finish(req)
+        elif not req.keep_alive:
+            self._finish(req)
+        # else: the rest of the request body is read and dropped, then _finish runs
+        #       from on_message_complete
+
+    def abort_response(self, req: Request) -> None:
+        """The response cannot be completed: close so the client sees the truncation."""
+        req.keep_alive = False
+        req.exchange = None
+        self.ctx.log_access(self, req)
+        self.closing = True
+        self._disarm()
+        self.transport.loseConnection()
+
+    def respond_error(self, req: Request, status: int, headers=(), body: bytes | None = None):
+        """The proxy's own answer (error page, redirect, ...)."""
+        if body is None:
+            body = error_body(status) if status >= 400 and req.method != b"HEAD" else b""
+            hdrs = [(b"Content-Type", b"text/html; charset=utf-8")] if body else []
+        else:
+            hdrs = []
+        hdrs = self.ctx.error_headers(self, req, list(headers) + hdrs)
+        if not req.complete:
+            req.keep_alive = False
+        req.exchange = None
+        self.send_head(req, status, reason(status), hdrs, len(body) if body or
+                       req.method != b"HEAD" else None, bodyless=req.method == b"HEAD")
+        if body and req.method != b"HEAD":
+            req.sent += len(body)
+            self.transport.write(body)
+        self._finish(req)
+
+    def _send_bare(self, status: int):
+        body = error_body(status)
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (status, reason(status), len(body), body))
+
+    def _finish(self, req: Request):
+        """The response is complete: log it, then go on with the next request or close."""
+        if self.queue and self.queue[0] is req:
+            self.queue.popleft()
+        self.requests_served += 1
+        self.ctx.log_access(self, req)
+        if not req.keep_alive or self.closing:
+            self._close(lingering=not req.complete)
+            return
+        if self.queue:
+            self._start(self.queue[0])
+        if not self.queue or (len(self.queue) == 1 and not self.queue[0].complete):
+            self._resume(PAUSE_PIPELINE)
+        if not self.queue and self.cur is None:
+            self._arm("idle", self.ctx.server.keepalive_timeout)
+
+    def _close(self, lingering: bool):
+        self.closing = True
+        if lingering:
+            # The client may still be sending a body we did not read: close our side
+            # and drain for a moment, or its kernel would answer our data with RST.
+            self.lingering = True
+            self.paused = 0
+            self.transport.resumeProducing()
+            try:
+                self.transport.loseWriteConnection()
+            except Exception:
+                self.transport.loseConnection()
+                return
+            self._arm("linger", LINGER_SECONDS)
+        else:
+            self._disarm()
+            self.transport.loseConnection()
+
+
+class ClientFactory(Factory):
+    """Builds ClientConnection for one listener."""
+
+    noisy = False
+
+    def __init__(self, ctx, listen_key: str, scheme: bytes = b"http"):
+        self.ctx = ctx
+        self.listen_key = listen_key
+        self.scheme = scheme
+
+    def buildProtocol(self, addr):
+        p = ClientConnection(self.ctx, self.listen_key, self.scheme)
+        p.factory = self
+        return p
