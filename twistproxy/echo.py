@@ -174,3 +174,20 @@ class EchoFactory(Factory):
         self.name = name
         self.requests = 0
         self.connections = 0
+
+
+def main(argv=None) -> None:
+    """`python -m twistproxy.echo NAME [PORT]`: serve on 127.0.0.1, print the port."""
+    import sys
+
+    from twisted.internet import reactor
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "echo"
+    port = reactor.listenTCP(int(args[1]) if len(args) > 1 else 0, EchoFactory(name),
+                             interface="127.0.0.1", backlog=1024)
+    print(port.getHost().port, flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

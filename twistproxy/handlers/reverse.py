@@ -151,8 +151,7 @@ class ReverseExchange:
                 self._send_body(chunk)
         if req.complete:
             self._end_body(req.trailers)
-        else:
-            self.conn.resume_reading()
+        self.conn.resume_reading()
 
     def backend_connect_failed(self, why: str) -> None:
         if self.done:
