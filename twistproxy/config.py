@@ -168,7 +168,6 @@ class BalancerConfig:
 class ServerConfig:
     access_log: str = "-"
     server_tokens: str = "prod"
-    server_name: str = ""
     timeout: float = 60.0
     keepalive_timeout: float = 5.0
     header_timeout: float = 20.0
@@ -206,7 +205,7 @@ def load(path: str) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        return loads(text.decode("utf-8"), path)
+        return loads(text.decode("utf-8-sig"), path)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -304,6 +303,8 @@ class _Loader:
             seconds = float(value)
         else:
             raise self.fail(where, value, "must be seconds (a number, or '500ms', '2s')")
+        if seconds != seconds:
+            raise self.fail(where, value, "must be seconds (a number, or '500ms', '2s')")
         if seconds < lo or seconds > 86400 * 365:
             raise self.fail(where, value, f"must be at least {lo:g} seconds" if seconds < lo
                             else "is longer than a year")
@@ -342,8 +343,10 @@ class _Loader:
         if not listeners:
             raise self.fail("listen", [], "must name at least one address and port")
         self.check_listeners(listeners)
-        raw_bal = self.table("balancer", data.get("balancer", {}), tuple(data.get("balancer", {})))
-        balancers = {name: self.balancer(f"balancer.{name}", name, v)
+        raw_bal = data.get("balancer", {})
+        raw_bal = self.table("balancer", raw_bal, tuple(raw_bal) if isinstance(raw_bal, dict)
+                             else ())
+        balancers = {name: self.balancer(f"balancer.{_quote_key(name)}", name, v)
                      for name, v in raw_bal.items()}
         vhosts = tuple(self.vhost(f"vhost[{i}]", v, listeners, balancers)
                        for i, v in enumerate(self.array_of_tables("vhost", data["vhost"])))
@@ -363,7 +366,6 @@ class _Loader:
             access_log=self.string(f"{w}.access_log", raw.get("access_log", d.access_log)),
             server_tokens=self.choice(f"{w}.server_tokens",
                                       raw.get("server_tokens", d.server_tokens), _SERVER_TOKENS),
-            server_name=self.string(f"{w}.server_name", raw.get("server_name", d.server_name)),
             timeout=self.duration(f"{w}.timeout", raw.get("timeout", d.timeout), lo=0.001),
             keepalive_timeout=self.duration(f"{w}.keepalive_timeout",
                                             raw.get("keepalive_timeout", d.keepalive_timeout)),
@@ -485,6 +487,11 @@ class _Loader:
                 raise ConfigError(f"{self.path}: {iw}.value: missing (required for '{action}')")
             if any(c in value for c in "\r\n\0"):
                 raise self.fail(f"{iw}.value", value, "must not contain CR, LF or NUL")
+            if any(ord(c) > 255 for c in value):
+                raise self.fail(f"{iw}.value", value, "must be Latin-1 text (header values "
+                                "are bytes; percent-encode other characters)")
+            if action == "unset" and "value" in item:
+                raise self.fail(f"{iw}.value", value, "makes no sense with action 'unset'")
             out.append(HeaderAction(action, name, value,
                                     self.boolean(f"{iw}.always", item.get("always", False))))
         return tuple(out)
@@ -519,17 +526,20 @@ class _Loader:
             raise self.fail(f"{w}.reverse", reverse, "needs a 'path' route with a 'url' "
                             "(ProxyPassReverse maps a backend URL back to a path)")
         match_headers = []
-        for name, pattern in self.table(f"{w}.match_headers", raw.get("match_headers", {}),
-                                        tuple(raw.get("match_headers", {}) or ())).items():
+        raw_mh = raw.get("match_headers", {})
+        raw_mh = self.table(f"{w}.match_headers", raw_mh,
+                            tuple(raw_mh) if isinstance(raw_mh, dict) else ())
+        for name, pattern in raw_mh.items():
             if not _TOKEN.match(name):
                 raise self.fail(f"{w}.match_headers", name, "is not a valid header name")
-            match_headers.append((name, self.regex(f"{w}.match_headers.{name}", pattern)))
+            match_headers.append((name, self.regex(f"{w}.match_headers.{_quote_key(name)}",
+                                                   pattern)))
         return RouteConfig(
             path=path, regex=regex, url=url, exclude=exclude,
             reverse=reverse,
             match_headers=tuple(match_headers),
             cookie_domain=self.mapping(f"{w}.cookie_domain", raw.get("cookie_domain", {})),
-            cookie_path=self.mapping(f"{w}.cookie_path", raw.get("cookie_path", {})),
+            cookie_path=self.mapping(f"{w}.cookie_path", raw.get("cookie_path", {}), paths=True),
             request_headers=self.header_actions(f"{w}.request_headers",
                                                 raw.get("request_headers", [])),
             response_headers=self.header_actions(f"{w}.response_headers",
@@ -538,9 +548,18 @@ class _Loader:
             where=w,
         )
 
-    def mapping(self, w: str, raw: Any) -> tuple[tuple[str, str], ...]:
+    def mapping(self, w: str, raw: Any, paths: bool = False) -> tuple[tuple[str, str], ...]:
         raw = self.table(w, raw, tuple(raw) if isinstance(raw, dict) else ())
-        return tuple((k, self.string(f"{w}.{_quote_key(k)}", v)) for k, v in raw.items())
+        out = []
+        for k, v in raw.items():
+            kw = f"{w}.{_quote_key(k)}"
+            if not k:
+                raise ConfigError(f"{self.path}: {kw}: an empty key would match everything")
+            v = self.string(kw, v)
+            if paths and not v.startswith("/"):
+                raise self.fail(kw, v, "must start with '/'")
+            out.append((k, v))
+        return tuple(out)
 
     def worker(self, w: str, raw: dict) -> WorkerParams:
         d = WorkerParams()
@@ -573,6 +592,8 @@ class _Loader:
         except ValueError:
             raise self.fail(w, value, f"is not {kinds}") from None
         scheme = parts.scheme.lower()
+        if port == 0:
+            raise self.fail(w, value, "has port 0")
         if scheme not in _DEFAULT_PORTS and not (balancer_ok and scheme == "balancer"):
             raise self.fail(w, value, f"is not {kinds}")
         host = (parts.hostname or "").lower()
@@ -609,8 +630,10 @@ class _Loader:
             raise self.fail(f"{w}.member", [], "must list at least one member")
         routes = [m.route for m in members if m.route]
         for i, m in enumerate(members):
-            if m.route and routes.count(m.route) > 1:
-                raise self.fail(f"{w}.member[{i}].route", m.route, "is used by two members")
+            earlier = [j for j, o in enumerate(members[:i]) if m.route and o.route == m.route]
+            if earlier:
+                raise self.fail(f"{w}.member[{i}].route", m.route,
+                                f"is already the route of member[{earlier[0]}]")
             if m.redirect and m.redirect not in routes:
                 raise self.fail(f"{w}.member[{i}].redirect", m.redirect,
                                 "names no member's route")
@@ -620,7 +643,7 @@ class _Loader:
         elif len(sep) != 1:
             raise self.fail(f"{w}.stickysessionsep", sep, "must be one character or 'Off'")
         sticky = self.string(f"{w}.stickysession", raw.get("stickysession", ""))
-        if sticky and not all(_TOKEN.match(p) for p in sticky.split("|", 1)):
+        if sticky and not all(_TOKEN.match(p) and "|" not in p for p in sticky.split("|", 1)):
             raise self.fail(f"{w}.stickysession", sticky, "must be NAME or COOKIE|PARAM")
         cookie = ()
         if "sticky_cookie" in raw:
@@ -662,9 +685,10 @@ class _Loader:
         if len(route) > 63 or (route and not _TOKEN.match(route)):
             raise self.fail(f"{w}.route", route, "must be a token of at most 63 characters")
         status = self.string(f"{w}.status", raw.get("status", ""))
-        if not re.fullmatch(r"([+-]?[DSIHENC])*", status.upper()):
+        if not re.fullmatch(r"([+-]?[DSIHRENC])*", status.upper()):
             raise self.fail(f"{w}.status", status,
-                            "must be flags D, S, I, H, E, N or C, each optionally after + or -")
+                            "must be flags D, S, I, H, R, E, N or C, each optionally after "
+                            "+ or -")
         expect = raw.get("hcexpect", [200, 399])
         if (not isinstance(expect, list) or len(expect) != 2
                 or not all(isinstance(x, int) and 100 <= x <= 599 for x in expect)
@@ -703,7 +727,8 @@ def _join(where: str, key: str) -> str:
 
 
 def _quote_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else f'"{key}"'
+    import json
+    return key if re.fullmatch(r"[A-Za-z0-9_\-]+", key) else json.dumps(key)
 
 
 def _as_tuple(kind):

@@ -1,0 +1,311 @@
+"""The spine end to end: listeners per IP, bind failures, the commands, twistd, the demo."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import ROOT, Echo, Proxy, free_port, wait_port
+
+
+def run(*args, timeout=30, **kw):
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, **kw)
+
+
+def get(host, port, path="/", headers=None):
+    c = http.client.HTTPConnection(host, port, timeout=10)
+    c.request("GET", path, headers=headers or {})
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r, body
+
+
+@pytest.fixture
+def echoes():
+    started = [Echo("site-a"), Echo("site-b")]
+    yield started
+    for e in started:
+        e.stop()
+
+
+def test_two_listeners_same_port_on_two_ips(tmp_path, echoes):
+    a, b = echoes
+    port = free_port("127.0.0.2")
+    cfg = f"""
+[server]
+access_log = "-"
+[[listen]]
+address = "127.0.0.2"
+port = {port}
+[[listen]]
+address = "127.0.0.3"
+port = {port}
+[[vhost]]
+server_name = "a.test"
+listen = ["127.0.0.2:{port}"]
+  [[vhost.route]]
+  path = "/"
+  url = "{a.url}/"
+[[vhost]]
+server_name = "b.test"
+listen = ["127.0.0.3:{port}"]
+  [[vhost.route]]
+  path = "/"
+  url = "{b.url}/"
+"""
+    proxy = Proxy(cfg, tmp_path)
+    try:
+        wait_port("127.0.0.3", port)
+        # Whatever Host says, each IP's listener serves only its own vhost.
+        for host, expected in (("127.0.0.2", "site-a"), ("127.0.0.3", "site-b")):
+            for hostname in ("a.test", "b.test", "other"):
+                r, body = get(host, port, headers={"Host": hostname})
+                assert r.status == 200
+                assert json.loads(body)["server"] == expected
+        # 127.0.0.1 on that port is not ours: binding exactly the IPs listed
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_wildcard_listener_serves_every_loopback_address(tmp_path, echoes):
+    port = free_port()
+    cfg = f"""
+[[listen]]
+address = "0.0.0.0"
+port = {port}
+[[vhost]]
+server_name = "any.test"
+  [[vhost.route]]
+  path = "/"
+  url = "{echoes[0].url}/"
+"""
+    proxy = Proxy(cfg, tmp_path)
+    try:
+        for host in ("127.0.0.1", "127.0.0.5"):
+            r, body = get(host, port)
+            assert r.status == 200 and json.loads(body)["server"] == "site-a"
+    finally:
+        proxy.stop()
+
+
+def test_ipv6_loopback_listener(tmp_path, echoes):
+    try:
+        port = free_port("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    cfg = f"""
+[[listen]]
+address = "::1"
+port = {port}
+[[vhost]]
+server_name = "v6.test"
+  [[vhost.route]]
+  path = "/"
+  url = "{echoes[0].url}/"
+"""
+    proxy = Proxy(cfg, tmp_path)
+    try:
+        r, body = get("::1", port)
+        assert r.status == 200
+        assert json.loads(body)["server"] == "site-a"
+    finally:
+        proxy.stop()
+
+
+def _one_line_failure(result, *expected):
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr
+    assert len(err.splitlines()) == 1, result.stderr
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def test_port_in_use_stops_startup_with_one_line(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    free = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[[listen]]
+address = "127.0.0.1"
+port = {free}
+[[listen]]
+address = "127.0.0.1"
+port = {port}
+[[vhost]]
+server_name = "x"
+""")
+    try:
+        result = run(sys.executable, "-m", "twistproxy.cli", "run", str(cfg))
+        assert result.returncode != 0
+        _one_line_failure(result, f"cannot listen on 127.0.0.1:{port}",
+                          "address already in use (another process owns it)")
+        # nothing half-started: the first listener was released again
+        s = socket.socket()
+        s.bind(("127.0.0.1", free))
+        s.close()
+    finally:
+        taken.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may bind privileged ports")
+def test_privileged_port_message(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 80\n[[vhost]]\nserver_name = "x"\n')
+    result = run(sys.executable, "-m", "twistproxy.cli", "run", str(cfg))
+    assert result.returncode != 0
+    _one_line_failure(result, "cannot listen on 127.0.0.1:80: permission denied")
+
+
+def test_address_not_on_this_machine(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[listen]]\naddress = "192.0.2.77"\nport = 8080\n'
+                   '[[vhost]]\nserver_name = "x"\n')
+    result = run(sys.executable, "-m", "twistproxy.cli", "run", str(cfg))
+    assert result.returncode != 0
+    _one_line_failure(result, "cannot listen on 192.0.2.77:8080: address not available")
+
+
+def test_check_command_exit_codes(tmp_path):
+    good = ROOT / "etc" / "twistproxy.toml"
+    result = run(sys.executable, "-m", "twistproxy.cli", "check", str(good))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"ok: \d+ listener\(s\).*vhost\(s\).*route\(s\).*balancer\(s\)",
+                     result.stdout)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 80\n[[vhost]]\n'
+                   'server_name = "a"\n[[vhost.route]]\npath = "/"\nurl = "htp://x"\n')
+    result = run(sys.executable, "-m", "twistproxy.cli", "check", str(bad))
+    assert result.returncode == 2
+    err = _one_line_failure(result)
+    assert err == (f"{bad}: vhost[0].route[0].url: 'htp://x' is not an http, https, "
+                   "ws, wss or balancer URL")
+    result = run(sys.executable, "-m", "twistproxy.cli", "check", str(tmp_path / "none.toml"))
+    assert result.returncode == 2
+    _one_line_failure(result, "none.toml: cannot read")
+
+
+def test_console_script_version_and_check():
+    result = run("twistproxy", "--version")
+    assert result.returncode == 0
+    from twistproxy import __version__
+    assert result.stdout.strip() == f"twistproxy {__version__}"
+    result = run("twistproxy", "check", str(ROOT / "etc" / "twistproxy.toml"))
+    assert result.returncode == 0
+
+
+def test_run_with_bad_config_exits_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 8080\n[[vhost]]\nserver_nme = "a"\n')
+    result = run(sys.executable, "-m", "twistproxy.cli", "run", str(bad))
+    assert result.returncode == 2
+    _one_line_failure(result, "vhost[0].server_nme: unknown key (did you mean 'server_name'?)")
+
+
+def test_twistd_plugin_is_listed():
+    result = run("twistd", "--help")
+    assert "twistproxy" in result.stdout
+
+
+def test_twistd_runs_the_service_and_stops_on_sigterm(tmp_path, echoes):
+    port = free_port()
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f"""
+[server]
+access_log = "{tmp_path / 'access.log'}"
+[[listen]]
+address = "127.0.0.1"
+port = {port}
+[[vhost]]
+server_name = "t"
+  [[vhost.route]]
+  path = "/"
+  url = "{echoes[0].url}/"
+""")
+    logfile = tmp_path / "twistd.log"
+    pidfile = tmp_path / "twistd.pid"
+    proc = subprocess.Popen(["twistd", "-n", "--logfile", str(logfile), "--pidfile",
+                             str(pidfile), "twistproxy", "--config", str(cfg)], cwd=tmp_path)
+    try:
+        wait_port("127.0.0.1", port, proc=proc)
+        r, body = get("127.0.0.1", port, "/via-twistd")
+        assert r.status == 200 and json.loads(body)["target"] == "/via-twistd"
+        assert int(pidfile.read_text()) == proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # twistd reports the signal that stopped it as its exit status, after a clean stop
+        assert proc.wait(15) in (0, -signal.SIGTERM)
+    assert "/via-twistd" in (tmp_path / "access.log").read_text()
+    log = logfile.read_text()
+    assert "listening on 127.0.0.1" in log
+    assert "Main loop terminated" in log and "Traceback" not in log
+    assert not pidfile.exists()
+
+
+def test_twistd_bad_config_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 99999\n[[vhost]]\nserver_name="a"\n')
+    result = run("twistd", "-n", "--pidfile", "", "twistproxy", "--config", str(bad))
+    assert result.returncode == 2
+    _one_line_failure(result, "listen[0].port: 99999 must be a whole number from 1 to 65535")
+
+
+def test_twistd_port_in_use(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[listen]]\naddress = "127.0.0.1"\nport = {port}\n'
+                   '[[vhost]]\nserver_name = "x"\n')
+    try:
+        result = run("twistd", "-n", "--pidfile", "", "twistproxy", "--config", str(cfg))
+        assert result.returncode != 0
+        _one_line_failure(result, f"cannot listen on 127.0.0.1:{port}: address already in use")
+    finally:
+        taken.close()
+
+
+def test_demo_works_end_to_end():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "twistproxy.cli", "demo", "--listen",
+                             f"127.0.0.1:{port}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        wait_port("127.0.0.1", port, proc=proc)
+        servers = set()
+        for _ in range(4):
+            r, body = get("127.0.0.1", port, "/hello")
+            assert r.status == 200
+            servers.add(json.loads(body)["server"])
+            cookie = r.getheader("Set-Cookie")
+            assert cookie and cookie.startswith("ROUTEID=.app")
+        assert servers == {"app1", "app2"}          # balanced
+        # sticky: with the cookie, always the same app
+        seen = {json.loads(get("127.0.0.1", port, "/s", {"Cookie": "ROUTEID=.app2"})[1])
+                ["server"] for _ in range(4)}
+        assert seen == {"app2"}
+        r, body = get("127.0.0.1", port, "/app1/some/path?q=1")
+        data = json.loads(body)
+        assert data["server"] == "app1" and data["target"] == "/some/path?q=1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert b"curl" in out           # it tells the newcomer what to try
+    assert b'"GET /hello HTTP/1.1" 200' in out
