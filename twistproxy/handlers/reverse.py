@@ -116,16 +116,21 @@ class ReverseExchange:
         self.timer = None
         if self.done:
             return
-        reactor = self.ctx.reactor
-        idle = reactor.seconds() - self.last_activity
-        if self.bconn is not None and (idle < self.timeout or self.bconn.paused):
-            # still moving, or waiting on the client (its own timeouts apply)
-            self.timer = reactor.callLater(max(self.timeout - idle, 0.05) if not
-                                           self.bconn.paused else self.timeout,
-                                           self._check_timeout)
-            return
         if self.bconn is None:
             self._fail(503, "connect timed out")
+            return
+        reactor = self.ctx.reactor
+        idle = reactor.seconds() - self.last_activity
+        # while the client's socket is full we wait on the client, not the backend
+        waiting_on_client = self.bconn.paused
+        limit = self.ctx.server.timeout if waiting_on_client else self.timeout
+        if idle < limit:
+            self.timer = reactor.callLater(max(limit - idle, 0.01), self._check_timeout)
+        elif waiting_on_client:
+            log.info("{where}: client {peer} read nothing for {limit:g}s: closing",
+                     where=self.rt.where, peer=self.conn.peer_ip, limit=limit)
+            self.client_gone()
+            self.conn.abort_response(self.req)
         else:
             self._fail(504, f"no answer within {self.timeout:g}s")
 

@@ -172,16 +172,14 @@ class ClientConnection(Protocol):
     def _timed_out(self):
         self._timer = None
         kind = self._timer_kind
-        if kind == "header" and (self.cur is not None or self.requests_served == 0) \
-                and not self.queue:
-            # Apache answers 408 to a request that never finished its head
-            if self.cur is not None:
-                self._send_bare(408)
+        if kind == "linger":
+            self.transport.abortConnection()
+        elif kind == "header" and self.cur is not None and not self.cur.in_body:
+            self._send_bare(408)          # a request head begun and never finished
+            self.closing = True
             self.transport.loseConnection()
-        elif kind == "linger" or kind == "idle":
-            self.transport.abortConnection() if kind == "linger" else \
-                self.transport.loseConnection()
-        elif kind == "header":
+        elif not self.queue:              # idle, or connected and silent
+            self.closing = True
             self.transport.loseConnection()
 
     # -- reading ------------------------------------------------------------------
@@ -213,8 +211,25 @@ class ClientConnection(Protocol):
     def _fail(self, status: int, why: str):
         """A request could not be parsed: answer after earlier responses, then close."""
         self._pause(PAUSE_CLOSING)
-        req = self.cur or Request(self.ctx.reactor.seconds())
+        req = self.cur
         self.cur = None
+        if req is not None and req.in_body:
+            # the head was fine and the request is queued; its body is not
+            if req.exchange is not None:
+                req.exchange.client_gone()
+                req.exchange = None
+            req.keep_alive = False
+            req.complete = True
+            if req.head_sent:
+                self.ctx.log_rejected(self, req, status, why)
+                self.abort_response(req)
+            elif self.queue and self.queue[0] is req:
+                self.ctx.log_rejected(self, req, status, why)
+                self.respond_error(req, status)
+            else:
+                req.local = (status, why)
+            return
+        req = req or Request(self.ctx.reactor.seconds())
         if not req.method:
             req.method = b"-"
         req.local = (status, why)
@@ -261,8 +276,6 @@ class ClientConnection(Protocol):
         req.version = p.get_http_version().encode("ascii")
         req.keep_alive = p.should_keep_alive()
         req.upgrade = p.should_upgrade()
-        req.in_body = True
-        self._last = req
         hosts = []
         for n, v in req.headers:
             ln = n.lower()
@@ -276,6 +289,8 @@ class ClientConnection(Protocol):
             req.host = hosts[0]
         elif req.version == b"1.1":
             raise Reject(400, "HTTP/1.1 request without Host")
+        req.in_body = True           # from here on, on_header means trailers
+        self._last = req
         self.queue.append(req)
         if len(self.queue) == 1:
             self._disarm()
