@@ -69,14 +69,16 @@ class ReverseExchange:
     def _build_head(self) -> bytes:
         req, rt = self.req, self.rt
         vh = rt.vhost
+        # Apache's RequestHeader runs before mod_proxy adds X-Forwarded-*: an "unset"
+        # of a spoofed X-Forwarded-For must not remove the one we add
+        received = H.apply_actions(req.headers, rt.request_actions) \
+            if rt.request_actions else req.headers
         hdrs, _host = H.request_to_backend(
-            req.headers, client_ip=self.conn.peer_ip,
+            received, client_ip=self.conn.peer_ip,
             backend_hostport=self.pool.hostport, preserve_host=vh.preserve_host,
             add_headers=vh.add_headers, server_name=rt.server_name, via=vh.proxy_via,
             via_name=rt.via_name, client_version=req.version,
             proxy_chain_auth=vh.proxy_chain_auth)
-        if rt.request_actions:
-            hdrs = H.apply_actions(hdrs, rt.request_actions)
         framing = b""
         if req.has_body:
             length = None

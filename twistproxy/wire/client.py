@@ -9,6 +9,7 @@ request (see handlers/reverse.py); this module only moves the bytes.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import httptools
@@ -27,6 +28,10 @@ PAUSE_PIPELINE = 2         # a later request waits for the response to an earlie
 PAUSE_CLOSING = 4          # the connection is being closed
 
 LINGER_SECONDS = 2.0
+
+# host [":" port] where host is a name, an IPv4 address or a bracketed IPv6 literal;
+# anything else (userinfo, a path, spaces) could end up in a rewritten Location
+_VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]{1,5})?").fullmatch
 
 _CHUNK_END = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -286,6 +291,8 @@ class ClientConnection(Protocol):
         if len(hosts) > 1:
             raise Reject(400, "more than one Host header")
         if hosts:
+            if not _VALID_HOST(hosts[0]):
+                raise Reject(400, "malformed Host header")
             req.host = hosts[0]
         elif req.version == b"1.1":
             raise Reject(400, "HTTP/1.1 request without Host")
