@@ -127,6 +127,8 @@ class ProxyContext:
     def dispatch(self, conn, req) -> None:
         target = req.target
         method = req.method
+        if b"#" in target:
+            return self.reject(conn, req, 400, "fragment in request target")
         if target[:1] == b"/":
             raw_path, q, query = target.partition(b"?")
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
@@ -136,6 +138,8 @@ class ProxyContext:
             if not authority or b"@" in authority:
                 return self.reject(conn, req, 400, "bad absolute-form target")
             req.host = authority
+            req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+            req.headers.insert(0, (b"Host", authority))
             raw_path, q, query = (b"/" + tail).partition(b"?")
         elif method == b"CONNECT":
             return self.reject(conn, req, 405, "CONNECT is not enabled (proxy_requests)",
@@ -146,8 +150,6 @@ class ProxyContext:
                                       body=b"")
         else:
             return self.reject(conn, req, 400, "bad request target")
-        if b"#" in raw_path:
-            return self.reject(conn, req, 400, "fragment in request target")
         host = req.host.decode("latin-1") if req.host is not None else None
         vhost = self.router.vhost_for(conn.listen_key, host)
         path = normalize_path(raw_path.decode("latin-1"))

@@ -302,6 +302,7 @@ class ReverseExchange:
             self.bconn.close()
             self.bconn = None
         self._member_done(ok=status != 503)
+        self.conn.resume_reading()       # start() paused it until a backend took the body
         rt = self.rt
         log.warn("{where}: backend {backend}: {why} -> {status}", where=rt.where,
                  backend=self.backend_name, why=why, status=status)

@@ -138,7 +138,9 @@ class BackendConnection(Protocol):
             if not self._complete_pending:
                 self._done = True
                 self.exchange = None
-                ex.backend_invalid(self, f"invalid response: {e}")
+                why = "a 101 Switching Protocols that was not asked for" \
+                    if isinstance(e.__context__, _Unexpected101) else f"invalid response: {e}"
+                ex.backend_invalid(self, why)
                 return
         if self._complete_pending:
             self._complete_pending = False

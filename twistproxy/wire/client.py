@@ -180,7 +180,14 @@ class ClientConnection(Protocol):
         if kind == "linger":
             self.transport.abortConnection()
         elif kind == "header" and self.cur is not None and not self.cur.in_body:
-            self._send_bare(408)          # a request head begun and never finished
+            req = self.cur                # a request head begun and never finished
+            if not req.method:
+                req.method = b"-"
+            self.ctx.log_rejected(self, req, 408, "request head not received within "
+                                  f"{self.ctx.server.header_timeout:g}s")
+            req.status = 408
+            req.sent = self._send_bare(408)
+            self.ctx.log_access(self, req)
             self.closing = True
             self.transport.loseConnection()
         elif not self.queue:              # idle, or connected and silent
@@ -256,7 +263,10 @@ class ClientConnection(Protocol):
     def on_url(self, url: bytes):
         req = self.cur
         req.url_len += len(url)
-        if req.url_len > self.ctx.server.limit_request_line:
+        limit = self.ctx.server.limit_request_line
+        # the whole line counts, as LimitRequestLine: method, target and " HTTP/x.y"
+        if req.url_len + 13 > limit and \
+                len(self.parser.get_method()) + 1 + req.url_len + 9 > limit:
             raise Reject(414, "request line too long")
         req.target = req.target + url if req.target else url
 
@@ -479,11 +489,15 @@ class ClientConnection(Protocol):
             self.transport.write(body)
         self._finish(req)
 
-    def _send_bare(self, status: int):
+    def _send_bare(self, status: int) -> int:
+        """An error outside any exchange (the parser is lost): answer and close."""
         body = error_body(status)
+        server = b"Server: %s\r\n" % self.ctx.server_header if self.ctx.server_header else b""
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
-                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (status, reason(status), len(body), body))
+                             b"Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n%s\r\n%s"
+                             % (status, reason(status), len(body), self.ctx.http_date(),
+                                server, body))
+        return len(body)
 
     def _finish(self, req: Request):
         """The response is complete: log it, then go on with the next request or close."""
