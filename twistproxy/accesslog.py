@@ -7,6 +7,7 @@ at shutdown, so logging costs no system call per request.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -14,13 +15,21 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f\x7f"\\]')
+
+
+def _escape(match: re.Match) -> str:
+    c = match.group()
+    return "\\" + c if c in '"\\' else f"\\x{ord(c):02x}"
+
+
 def _quote(value: bytes | None) -> str:
+    """A request-supplied value made safe for one log line (as Apache escapes it)."""
     if not value:
         return "-"
     text = value.decode("latin-1")
-    if '"' in text or "\\" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
-        text = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else
-                       ("\\" + c if c in '"\\' else c) for c in text)
+    if _NEEDS_ESCAPE.search(text):
+        text = _NEEDS_ESCAPE.sub(_escape, text)
     return text
 
 

@@ -22,7 +22,7 @@ _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 class ReverseExchange:
     __slots__ = ("ctx", "conn", "req", "rt", "target", "pool", "backend_name", "member",
                  "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
-                 "response_started", "done", "timer", "last_activity", "timeout",
+                 "response_started", "done", "last_activity", "timeout",
                  "retried", "backend_version", "received", "choice", "trailers_out",
                  "expect_continue", "sent_bytes")
 
@@ -44,7 +44,6 @@ class ReverseExchange:
         self.body_done = False
         self.response_started = False
         self.done = False
-        self.timer = None
         self.last_activity = 0.0
         self.timeout = rt.timeout
         self.retried = False
@@ -63,7 +62,6 @@ class ReverseExchange:
         self.early = conn.attach(req, self)
         if not req.complete:
             conn.pause_reading()     # until a backend connection takes the body
-        self._arm(self.rt.connect_timeout + 1.0)
         self.pool.acquire(self)
 
     def _build_head(self) -> bytes:
@@ -107,27 +105,19 @@ class ReverseExchange:
     # -- timers ------------------------------------------------------------------------------
 
     def _arm(self, seconds: float) -> None:
-        reactor = self.ctx.reactor
-        self.last_activity = reactor.seconds()
-        if self.timer is None:
-            self.timer = reactor.callLater(seconds, self._check_timeout)
-        else:
-            self.timer.reset(seconds)
+        """The response timer lives on the backend connection: cheap to move."""
+        self.last_activity = self.ctx.reactor.seconds()
+        self.bconn.deadline.set(seconds, self._check_timeout)
 
     def _check_timeout(self) -> None:
-        self.timer = None
-        if self.done:
+        if self.done or self.bconn is None:
             return
-        if self.bconn is None:
-            self._fail(503, "connect timed out")
-            return
-        reactor = self.ctx.reactor
-        idle = reactor.seconds() - self.last_activity
+        idle = self.ctx.reactor.seconds() - self.last_activity
         # while the client's socket is full we wait on the client, not the backend
         waiting_on_client = self.bconn.paused
         limit = self.ctx.server.timeout if waiting_on_client else self.timeout
         if idle < limit:
-            self.timer = reactor.callLater(max(limit - idle, 0.01), self._check_timeout)
+            self.bconn.deadline.set(max(limit - idle, 0.01), self._check_timeout)
         elif waiting_on_client:
             log.info("{where}: client {peer} read nothing for {limit:g}s: closing",
                      where=self.rt.where, peer=self.conn.peer_ip, limit=limit)
@@ -137,10 +127,8 @@ class ReverseExchange:
             self._fail(504, f"no answer within {self.timeout:g}s")
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
+        if self.bconn is not None:
+            self.bconn.deadline.clear()
 
     # -- backend connection -------------------------------------------------------------------
 
@@ -241,7 +229,7 @@ class ReverseExchange:
         if self.done:
             return
         self.done = True
-        self._disarm()
+        bconn.deadline.clear()
         self.bconn = None
         if not self.body_done:
             bconn.reusable = False      # the backend did not take the whole body

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from .deadline import Deadline
+
 _BODYLESS_STATUS = (204, 304)
 
 
@@ -44,6 +46,7 @@ class _RequestFlow:
 class BackendConnection(Protocol):
     def __init__(self, pool):
         self.pool = pool
+        self.deadline = None
         self.exchange = None
         self.uses = 0
         self.reusable = True
@@ -65,6 +68,7 @@ class BackendConnection(Protocol):
 
     def connectionMade(self):
         self.connected_ok = True
+        self.deadline = Deadline(self.pool.reactor)
         try:
             self.transport.setTcpNoDelay(True)
         except Exception:
@@ -73,6 +77,8 @@ class BackendConnection(Protocol):
 
     def connectionLost(self, reason=None):
         self.connected_ok = False
+        if self.deadline is not None:
+            self.deadline.cancel()
         self.reusable = False
         ex = self.exchange
         self.exchange = None

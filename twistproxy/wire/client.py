@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .deadline import Deadline
 from .messages import error_body, reason, serialize_headers
 
 log = Logger()
@@ -130,7 +131,7 @@ class ClientConnection(Protocol):
         self.lingering = False
         self.peer_ip = "-"
         self.local_port = 0
-        self._timer = None
+        self._timer = None               # a Deadline, once connected
         self._timer_kind = ""
         self._last: Request | None = None
         self._head_bytes = 0
@@ -147,13 +148,15 @@ class ClientConnection(Protocol):
         except Exception:
             pass
         self.parser = httptools.HttpRequestParser(self)
+        self._timer = Deadline(self.ctx.reactor)
         self.ctx.connection_made(self)
         t.registerProducer(_ResponseFlow(self), True)
         self._arm("header", self.ctx.server.header_timeout)
 
     def connectionLost(self, reason=None):
         self.closing = True
-        self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
         for req in self.queue:
             if req.exchange is not None:
                 req.exchange.client_gone()
@@ -164,18 +167,13 @@ class ClientConnection(Protocol):
 
     def _arm(self, kind: str, seconds: float):
         self._timer_kind = kind
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(seconds)
-        else:
-            self._timer = self.ctx.reactor.callLater(seconds, self._timed_out)
+        self._timer.set(seconds, self._timed_out)
 
     def _disarm(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._timer is not None:
+            self._timer.clear()
 
     def _timed_out(self):
-        self._timer = None
         kind = self._timer_kind
         if kind == "linger":
             self.transport.abortConnection()
