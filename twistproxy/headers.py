@@ -13,7 +13,7 @@ from twistproxy import __version__
 __all__ = [
     "HOP_BY_HOP", "REWRITTEN_RESPONSE_HEADERS", "connection_tokens", "request_to_backend",
     "response_to_client", "apply_actions", "ReverseMap", "max_forwards",
-    "decrement_max_forwards", "server_header",
+    "decrement_max_forwards", "server_header", "transfer_codings",
 ]
 
 # Headers are list[tuple[bytes, bytes]]: (name as received, value), order and repetition
@@ -52,6 +52,15 @@ def connection_tokens(headers) -> frozenset[bytes]:
         if name.lower() == b"connection":
             _add_tokens(tokens, value)
     return frozenset(tokens)
+
+
+def transfer_codings(headers) -> list[bytes]:
+    """Every Transfer-Encoding coding, lower-cased, in order (e.g. [b"gzip", b"chunked"])."""
+    codings: list[bytes] = []
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            codings.extend(c.strip().lower() for c in value.split(b",") if c.strip())
+    return codings
 
 
 def _add_tokens(into: set, value: bytes) -> None:

@@ -112,7 +112,7 @@ class Pool:
             self.idle.append(conn)
         else:
             conn.reusable = False
-            conn.transport.loseConnection()
+            conn.hang_up()
 
     def lost(self, conn: BackendConnection) -> None:
         self.open -= 1
@@ -125,4 +125,4 @@ class Pool:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.reusable = False
-            conn.transport.loseConnection()
+            conn.hang_up()

@@ -64,7 +64,7 @@ class ProxyService(MultiService):
         self.ports = []
         for conn in list(self.ctx.connections):
             if not conn.queue and conn.cur is None:
-                conn.transport.loseConnection()
+                conn.hang_up()
         waited = 0.0
         while self.ctx.connections and waited < SHUTDOWN_GRACE:
             yield task.deferLater(self.reactor, 0.1, lambda: None)

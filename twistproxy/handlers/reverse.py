@@ -79,19 +79,15 @@ class ReverseExchange:
             proxy_chain_auth=vh.proxy_chain_auth)
         framing = b""
         if req.has_body:
-            length = None
-            for n, v in req.headers:
-                ln = n.lower()
-                if ln == b"transfer-encoding":
-                    length = None
-                    self.body_chunked = True
-                    break
-                if ln == b"content-length":
-                    length = int(v)
-            if self.body_chunked:
-                framing = b"Transfer-Encoding: chunked\r\n"
-            elif length is not None:
-                framing = b"Content-Length: %d\r\n" % length
+            codings = H.transfer_codings(req.headers)
+            if codings:
+                # llhttp accepted it, so chunked is last; any coding before it stays
+                self.body_chunked = True
+                framing = b"Transfer-Encoding: %s\r\n" % b", ".join(codings)
+            else:
+                for n, v in req.headers:
+                    if n.lower() == b"content-length":
+                        framing = b"Content-Length: %d\r\n" % int(v)
             for n, v in req.headers:
                 if n.lower() == b"expect" and v.strip().lower() == b"100-continue":
                     self.expect_continue = True
@@ -199,8 +195,16 @@ class ReverseExchange:
                                H.response_to_client(headers, via="off", via_name=b"",
                                                     backend_version=b"1.1"))
 
-    def backend_head(self, status: int, rsn: bytes, version: str, headers, length, bodyless):
+    def backend_head(self, status: int, rsn: bytes, version: str, headers, length, bodyless,
+                     codings: bytes = b""):
         if self.done:
+            return
+        if codings and not bodyless and self.req.version != b"1.1":
+            # an HTTP/1.0 client cannot be told the body is transfer-coded
+            self.bconn.close()
+            self.bconn = None
+            self._fail(502, f"transfer coding {codings.decode('latin-1')!r} cannot be "
+                            "passed to an HTTP/1.0 client")
             return
         self.response_started = True
         self.last_activity = self.ctx.reactor.seconds()
@@ -218,7 +222,7 @@ class ReverseExchange:
         if bodyless and length is not None and (req.method == b"HEAD" or status == 304):
             out.append((b"Content-Length", b"%d" % length))     # describes the GET body
         self.conn.send_head(req, status, rsn or b"", out, None if bodyless else length,
-                            bodyless=bodyless)
+                            bodyless=bodyless, codings=codings)
 
     def backend_body(self, data: bytes) -> None:
         self.received += len(data)

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from ..headers import transfer_codings
 from .deadline import Deadline
 
 _BODYLESS_STATUS = (204, 304)
@@ -120,6 +121,12 @@ class BackendConnection(Protocol):
     def close(self):
         self.reusable = False
         self.exchange = None
+        self.hang_up()
+
+    def hang_up(self) -> None:
+        """Close once buffered data is out; unregister first, or a paused producer
+        would be resumed by the drained buffer instead of the connection closing."""
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes):
@@ -127,7 +134,7 @@ class BackendConnection(Protocol):
         if ex is None or self._done:
             # nothing was asked: a backend talking out of turn cannot be reused
             self.reusable = False
-            self.transport.loseConnection()
+            self.hang_up()
             return
         self.got_bytes = True
         try:
@@ -192,13 +199,16 @@ class BackendConnection(Protocol):
         self._in_body = True
         length = None
         chunked = False
-        for n, v in self._headers:
-            ln = n.lower()
-            if ln == b"content-length":
-                length = int(v)
-            elif ln == b"transfer-encoding":
-                chunked = v.lower().rstrip().endswith(b"chunked")
-                length = None
+        codings = transfer_codings(self._headers)
+        if codings:
+            # llhttp has framed the body by them: chunked last, else read until close.
+            # Codings before chunked (gzip, ...) describe the body and travel with it.
+            chunked = codings[-1] == b"chunked"
+            codings = codings[:-1] if chunked else codings
+        else:
+            for n, v in self._headers:
+                if n.lower() == b"content-length":
+                    length = int(v)
         if not p.should_keep_alive():
             self.reusable = False
         bodyless = self._head_method or status in _BODYLESS_STATUS
@@ -206,7 +216,7 @@ class BackendConnection(Protocol):
         if self._close_delimited:
             self.reusable = False
         self.exchange.backend_head(status, self._reason, p.get_http_version(), self._headers,
-                                   length, bodyless)
+                                   length, bodyless, b", ".join(codings))
         if self._head_method and not self._done:
             # llhttp cannot be told the response answers HEAD: end it here
             self._done = True

@@ -163,6 +163,12 @@ class ClientConnection(Protocol):
         self.queue.clear()
         self.ctx.connection_closed(self)
 
+    def hang_up(self) -> None:
+        """Close after what is buffered is sent. Our flow-control producer goes first:
+        while Twisted holds it paused, a drained buffer resumes it instead of closing."""
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     # -- timers ------------------------------------------------------------------
 
     def _arm(self, kind: str, seconds: float):
@@ -187,10 +193,10 @@ class ClientConnection(Protocol):
             req.sent = self._send_bare(408)
             self.ctx.log_access(self, req)
             self.closing = True
-            self.transport.loseConnection()
+            self.hang_up()
         elif not self.queue:              # idle, or connected and silent
             self.closing = True
-            self.transport.loseConnection()
+            self.hang_up()
 
     # -- reading ------------------------------------------------------------------
 
@@ -401,7 +407,7 @@ class ClientConnection(Protocol):
                              % (status, rsn, serialize_headers(headers)))
 
     def send_head(self, req: Request, status: int, rsn: bytes, headers: list,
-                  length: int | None, bodyless: bool = False) -> None:
+                  length: int | None, bodyless: bool = False, codings: bytes = b"") -> None:
         """Status line and headers; framing (length, chunked or close) chosen here."""
         req.status = status
         req.head_sent = True
@@ -413,7 +419,8 @@ class ClientConnection(Protocol):
             extra.append(b"Content-Length: %d\r\n" % length)
         elif req.version == b"1.1":
             req.chunked_out = True
-            extra.append(b"Transfer-Encoding: chunked\r\n")
+            extra.append(b"Transfer-Encoding: %s, chunked\r\n" % codings if codings else
+                         b"Transfer-Encoding: chunked\r\n")
         else:
             req.keep_alive = False       # an HTTP/1.0 client: the body ends at close
         if not req.complete or self.ctx.stopping:
@@ -467,7 +474,7 @@ class ClientConnection(Protocol):
         self.ctx.log_access(self, req)
         self.closing = True
         self._disarm()
-        self.transport.loseConnection()
+        self.hang_up()
 
     def respond_error(self, req: Request, status: int, headers=(), body: bytes | None = None):
         """The proxy's own answer (error page, redirect, ...)."""
@@ -522,14 +529,15 @@ class ClientConnection(Protocol):
             self.paused = 0
             self.transport.resumeProducing()
             try:
+                self.transport.unregisterProducer()
                 self.transport.loseWriteConnection()
             except Exception:
-                self.transport.loseConnection()
+                self.hang_up()
                 return
             self._arm("linger", LINGER_SECONDS)
         else:
             self._disarm()
-            self.transport.loseConnection()
+            self.hang_up()
 
 
 class ClientFactory(Factory):
