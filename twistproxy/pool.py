@@ -1,12 +1,16 @@
-"""Backend connections kept for reuse, one pool per backend origin.
+"""Backend connections kept for reuse: one pool per worker (a backend URL and its params).
 
-Owns connecting (lazily, on demand), the idle list (most recently used first, so a
-quiet period lets the oldest ones age out), and dropping connections the backend
-closed while idle, so a dead connection is never handed out. The exchange that asks
-for a connection is told `backend_connected(conn)` or `backend_connect_failed(why)`.
+Owns connecting (lazily, on demand), the mod_proxy worker limits (`max` connections at
+once, `acquire` wait for a free one, idle ones above `smax` closed once older than
+`ttl`, `disablereuse`, `keepalive`), the idle list (most recently used first, so a
+quiet period lets the oldest age out), and dropping connections the backend closed
+while idle, so a dead connection is never handed out. An exchange asking for a
+connection is told `backend_connected(conn, reused)` or `backend_connect_failed(why)`.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from twisted.internet.error import ConnectionRefusedError, TimeoutError as ConnectTimeout
 from twisted.internet.protocol import ClientFactory
@@ -29,8 +33,9 @@ class _Connect(ClientFactory):
         return conn
 
     def clientConnectionFailed(self, connector, reason):
-        self.pool.failed += 1
-        self.pool.opening -= 1
+        pool = self.pool
+        pool.failed += 1
+        pool.opening -= 1
         if isinstance(reason.value, ConnectTimeout):
             why = "connect timed out"
         elif isinstance(reason.value, ConnectionRefusedError):
@@ -38,6 +43,7 @@ class _Connect(ClientFactory):
         else:
             why = reason.getErrorMessage()
         self.exchange.backend_connect_failed(why)
+        pool._serve_waiters()
 
 
 class _PooledConnection(BackendConnection):
@@ -51,49 +57,111 @@ class _PooledConnection(BackendConnection):
         pool.opening -= 1
         pool.open += 1
         pool.created += 1
+        if pool.keepalive:
+            try:
+                self.transport.setTcpKeepAlive(True)
+            except Exception:
+                pass
         ex, self._waiting = self._waiting, None
         ex.backend_connected(self, False)
 
 
 class Pool:
-    """Connections to one backend (scheme, host, port)."""
+    """Connections to one backend worker."""
 
     def __init__(self, reactor, host: str, port: int, tls: bool = False,
-                 connect_timeout: float = 60.0, reuse: bool = True, tls_options=None):
+                 connect_timeout: float = 60.0, reuse: bool = True, tls_options=None,
+                 max: int | None = None, smax: int | None = None, ttl: float | None = None,
+                 acquire: float | None = None, keepalive: bool = False, name: str = "",
+                 timeout: float = 60.0, ping: float = 0.0, params=None):
         self.reactor = reactor
+        self.name = name or f"{host}:{port}"
         self.host = host
         self.port = port
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.reuse = reuse
         self.tls_options = tls_options
+        self.max = max
+        self.smax = smax if smax is not None else max
+        self.ttl = ttl
+        self.acquire_timeout = acquire
+        self.keepalive = keepalive
+        self.timeout = timeout            # backend silence before 504 (worker `timeout`)
+        self.ping = ping
+        self.params = params              # the WorkerParams it was defined with
         default = 443 if tls else 80
         shown = f"[{host}]" if ":" in host else host
         self.hostport = (shown if port == default else f"{shown}:{port}").encode("idna")
-        self.idle: list[BackendConnection] = []
-        self.open = 0
-        self.opening = 0
+        self.idle: deque[BackendConnection] = deque()     # oldest left, newest right
+        self.waiters: deque = deque()                     # [exchange, timer] in order
+        self.open = 0          # established, idle or busy
+        self.opening = 0       # connects under way
         self.created = 0
         self.reused = 0
         self.failed = 0
 
+    # -- counts --------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> int:
+        return self.open - len(self.idle)
+
+    def stats(self) -> dict:
+        return {"open": self.open, "idle": len(self.idle), "busy": self.busy,
+                "opening": self.opening, "waiting": len(self.waiters),
+                "created": self.created, "reused": self.reused, "failed": self.failed}
+
     def __repr__(self):
-        return (f"<Pool {self.host}:{self.port} open={self.open} idle={len(self.idle)} "
-                f"busy={self.open - len(self.idle)} created={self.created} "
-                f"reused={self.reused} failed={self.failed}>")
+        counts = " ".join(f"{k}={v}" for k, v in self.stats().items())
+        return f"<Pool {self.name} {counts}>"
+
+    # -- handing out ------------------------------------------------------------------------
 
     def acquire(self, exchange) -> None:
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            if conn.connected_ok and conn.reusable:
-                self.reused += 1
-                exchange.backend_connected(conn, True)
-                return
-        self.acquire_fresh(exchange)
+        conn = self._take_idle()
+        if conn is not None:
+            self.reused += 1
+            exchange.backend_connected(conn, True)
+        elif self.max is None or self.open + self.opening < self.max:
+            self._connect(exchange)
+        else:
+            timer = None
+            if self.acquire_timeout is not None:
+                timer = self.reactor.callLater(self.acquire_timeout, self._waited_too_long,
+                                               exchange)
+            self.waiters.append([exchange, timer])
 
     def acquire_fresh(self, exchange) -> None:
-        """A new connection, never an idle one (after a stale keep-alive failure)."""
+        """A new connection, never an idle one (after a stale keep-alive failure).
+        It may exceed `max` by the one it replaces, which is closing."""
+        self._connect(exchange)
+
+    def cancel(self, exchange) -> None:
+        """The exchange no longer wants a connection (its client went away)."""
+        for entry in self.waiters:
+            if entry[0] is exchange:
+                self.waiters.remove(entry)
+                if entry[1] is not None and entry[1].active():
+                    entry[1].cancel()
+                return
+
+    def _take_idle(self) -> BackendConnection | None:
+        idle = self.idle
+        ttl = self.ttl
+        now = self.reactor.seconds() if ttl is not None else 0.0
+        while idle:
+            conn = idle.pop()
+            if not (conn.connected_ok and conn.reusable):
+                continue
+            if ttl is not None and now - conn.idle_since > ttl:
+                conn.reusable = False
+                conn.hang_up()          # too old to trust: Apache's ttl
+                continue
+            return conn
+        return None
+
+    def _connect(self, exchange) -> None:
         self.opening += 1
         factory = _Connect(self, exchange)
         if self.tls:
@@ -101,6 +169,32 @@ class Pool:
                                     timeout=self.connect_timeout)
         else:
             self.reactor.connectTCP(self.host, self.port, factory, timeout=self.connect_timeout)
+
+    def _waited_too_long(self, exchange) -> None:
+        for entry in self.waiters:
+            if entry[0] is exchange:
+                self.waiters.remove(entry)
+                break
+        exchange.backend_connect_failed(
+            f"no free connection within acquire={self.acquire_timeout:g}s "
+            f"(max={self.max} busy)")
+
+    def _serve_waiters(self) -> None:
+        """A connection slot or an idle connection became free: the first waiter gets it."""
+        while self.waiters:
+            conn = self._take_idle()
+            if conn is None and self.open + self.opening >= (self.max or 0):
+                return
+            exchange, timer = self.waiters.popleft()
+            if timer is not None and timer.active():
+                timer.cancel()
+            if conn is not None:
+                self.reused += 1
+                exchange.backend_connected(conn, True)
+            else:
+                self._connect(exchange)
+
+    # -- giving back ------------------------------------------------------------------------
 
     def release(self, conn: BackendConnection) -> None:
         """The exchange is done with it: keep it for the next request, or close it."""
@@ -113,16 +207,32 @@ class Pool:
         else:
             conn.reusable = False
             conn.hang_up()
+        if self.waiters:
+            self._serve_waiters()
 
     def lost(self, conn: BackendConnection) -> None:
+        """The connection closed (either side): it no longer counts."""
         self.open -= 1
         try:
             self.idle.remove(conn)
         except ValueError:
             pass
+        if self.waiters:
+            self._serve_waiters()
+
+    def sweep(self) -> None:
+        """Pool maintenance: idle connections above `smax` older than `ttl` are closed."""
+        if self.ttl is None:
+            return
+        keep = self.smax if self.smax is not None else 0
+        now = self.reactor.seconds()
+        while len(self.idle) > keep and now - self.idle[0].idle_since > self.ttl:
+            conn = self.idle.popleft()
+            conn.reusable = False
+            conn.hang_up()
 
     def close_idle(self) -> None:
-        idle, self.idle = self.idle, []
+        idle, self.idle = self.idle, deque()
         for conn in idle:
             conn.reusable = False
             conn.hang_up()

@@ -15,10 +15,16 @@ from .balancer import Balancer
 from .config import BackendURL, Config, RouteConfig, VhostConfig
 from .handlers.reverse import ReverseExchange
 from .pool import Pool
+from .workers import Workers, longest
 from .routing import Router, normalize_path
 from .wire.messages import HttpDate
 
 log = Logger(namespace="twistproxy")
+
+
+def _tls_options_for(url: BackendURL):
+    from twisted.internet.ssl import optionsForClientTLS
+    return lambda host=url.host: optionsForClientTLS(host)
 
 
 class RouteRuntime:
@@ -29,10 +35,7 @@ class RouteRuntime:
         self.vhost = vhost
         self.route = route
         self.where = route.where
-        server = ctx.config.server
         w = route.worker
-        self.timeout = w.timeout or server.timeout
-        self.connect_timeout = w.connectiontimeout or self.timeout
         self.disablereuse = w.disablereuse
         self.server_name = vhost.server_name.encode("idna")
         self.via_name = self.server_name
@@ -44,16 +47,26 @@ class RouteRuntime:
         url = route.url
         self.balancer: Balancer | None = None
         self.pool: Pool | None = None
+        self.candidates = None            # same-origin workers, when more than one
+        self.origin = ""
         self.backend_name = ""
         if url is not None and url.is_balancer:
             self.balancer = ctx.balancers[url.host]
-            self.member_pools = {id(m): ctx.pool_for(m.config.url, m.config.worker, server)
-                                 for m in self.balancer.members}
+            self.member_pools = ctx.member_pools
             cookie = dict(ctx.config.balancers[url.host].sticky_cookie)
             self._sticky_cookie = cookie or None
         elif url is not None:
-            self.pool = ctx.pool_for(url, w, server)
+            self.pool = ctx.workers.define(url, w, route.where)
+            self.candidates = ctx.workers.candidates(url)
+            self.origin = url.origin
             self.backend_name = url.origin
+
+    def pool_for(self, target: bytes) -> Pool:
+        """Request time: the longest worker prefixing the target URL (§1.5)."""
+        candidates = self.candidates
+        if len(candidates) == 1:
+            return self.pool
+        return longest(candidates, self.origin + target.decode("latin-1"))
 
     def sticky_cookie_header(self, member) -> tuple[bytes, bytes] | None:
         c = self._sticky_cookie if self.balancer is not None else None
@@ -81,8 +94,13 @@ class ProxyContext:
         s = config.server
         self.head_limit = s.limit_request_line + s.limit_request_fields * \
             (s.limit_request_fieldsize + 2) + 4
-        self.pools: dict[tuple, Pool] = {}
+        self.workers = Workers(reactor, config.server, _tls_options_for)
         self.balancers = {name: Balancer(b) for name, b in config.balancers.items()}
+        self.member_pools = {}
+        for name, bal in self.balancers.items():
+            for i, m in enumerate(bal.members):
+                self.member_pools[id(m)] = self.workers.define(
+                    m.config.url, m.config.worker, f"balancer.{name}.member[{i}]")
         self.connections: set = set()
         self.stopping = False
         self.routes: dict[int, RouteRuntime] = {}
@@ -107,20 +125,9 @@ class ProxyContext:
                 entries.append((route.url.origin + route.url.path, route.path))
         return entries
 
-    def pool_for(self, url: BackendURL, worker, server) -> Pool:
-        key = (url.scheme in ("https", "wss"), url.host, url.port)
-        pool = self.pools.get(key)
-        if pool is None:
-            timeout = worker.timeout or server.timeout
-            tls_options = None
-            if url.tls:
-                from twisted.internet.ssl import optionsForClientTLS
-                tls_options = lambda host=url.host: optionsForClientTLS(host)
-            pool = self.pools[key] = Pool(
-                self.reactor, url.host, url.port, tls=url.tls,
-                connect_timeout=worker.connectiontimeout or timeout,
-                reuse=not worker.disablereuse, tls_options=tls_options)
-        return pool
+    @property
+    def pools(self) -> list[Pool]:
+        return list(self.workers.pools())
 
     # -- the client connections' questions ---------------------------------------------
 
@@ -171,12 +178,21 @@ class ProxyContext:
         target_bytes = match.target.encode("latin-1")
         if rt.balancer is not None:
             return self._dispatch_balanced(conn, req, rt, target_bytes)
-        ReverseExchange(self, conn, req, rt, target_bytes, rt.pool, rt.backend_name).start()
+        ReverseExchange(self, conn, req, rt, target_bytes, rt.pool_for(target_bytes),
+                        rt.backend_name).start()
 
     def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes) -> None:
         bal = rt.balancer
-        choice = bal.choose(target.decode("latin-1"), req.header("cookie"),
-                            self.reactor.seconds())
+        choice = None
+        if conn.pinned:
+            # a connection authenticated by NTLM/Negotiate stays on its member
+            for m in bal.members:
+                if rt.member_pools[id(m)] in conn.pinned:
+                    choice = bal.elect(m)
+                    break
+        if choice is None:
+            choice = bal.choose(target.decode("latin-1"), req.header("cookie"),
+                                self.reactor.seconds())
         member = choice.member
         if member is None:
             why = (f"sticky route {choice.sticky_route!r} is unavailable and nofailover is on"

@@ -39,6 +39,7 @@ class ProxyService(MultiService):
         self.ctx = ProxyContext(config, reactor, access_log)
         self.ports = []
         self._flusher = None
+        self._sweeper = None
 
     def addresses(self) -> dict[str, int]:
         """Listener key -> the port actually bound (useful with port 0 in tests)."""
@@ -52,10 +53,19 @@ class ProxyService(MultiService):
             b.sock.close()       # the reactor holds its own duplicate
             log.info("listening on {key}", key=b.listen.key if b.listen.port else
                      f"{b.listen.address}:{b.port}")
+        if any(p.ttl is not None for p in self.ctx.pools):
+            # pool maintenance: idle connections above smax older than ttl are closed
+            self._sweeper = task.LoopingCall(self._sweep)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(1.0, now=False)
         if self.access_log is not None:
             self._flusher = task.LoopingCall(self.access_log.flush)
             self._flusher.clock = self.reactor
             self._flusher.start(1.0, now=False)
+
+    def _sweep(self):
+        for pool in self.ctx.pools:
+            pool.sweep()
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -71,7 +81,9 @@ class ProxyService(MultiService):
             waited += 0.1
         for conn in list(self.ctx.connections):
             conn.transport.abortConnection()
-        for pool in self.ctx.pools.values():
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for pool in self.ctx.pools:
             pool.close_idle()
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()

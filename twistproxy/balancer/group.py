@@ -114,6 +114,10 @@ class Balancer:
         member = self._best(now, exclude)
         return self._elect(Choice(member, bool(self.sticky_cookie), route))
 
+    def elect(self, member: Member) -> Choice:
+        """This member, whatever the lbmethod says (a pinned connection)."""
+        return self._elect(Choice(member))
+
     def done(self, member: Member, sent: int, received: int) -> None:
         member.busy -= 1
         member.transferred += sent

@@ -18,40 +18,48 @@ log = Logger(namespace="twistproxy.reverse")
 
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
+# How much request body is kept so that an idempotent request can be sent again after
+# a stale keep-alive failure; a longer body is streamed without a copy, and not replayed.
+REPLAY_LIMIT = 65536
+
+_EXPECT_100 = b"Expect: 100-continue\r\n"
+_CONNECTION_AUTH = (b"ntlm", b"negotiate")
+
 
 class ReverseExchange:
     __slots__ = ("ctx", "conn", "req", "rt", "target", "pool", "backend_name", "member",
                  "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
-                 "response_started", "done", "last_activity", "timeout",
-                 "retried", "backend_version", "received", "choice", "trailers_out",
-                 "expect_continue", "sent_bytes")
+                 "response_started", "done", "last_activity", "timeout", "retried",
+                 "received", "choice", "expect_continue", "replay", "holding", "pin",
+                 "reused")
 
     def __init__(self, ctx, conn, req, rt, target: bytes, pool, backend_name: str,
                  member=None, choice=None):
         self.ctx = ctx
         self.conn = conn
         self.req = req
-        self.rt = rt                      # the route's runtime (handlers/runtime.py)
+        self.rt = rt                      # the route's runtime (proxy.RouteRuntime)
         self.target = target
         self.pool = pool
         self.backend_name = backend_name
         self.member = member
         self.choice = choice
         self.bconn = None
-        self.early = None
+        self.early = None                 # body received while no connection takes it
         self.body_chunked = False
         self.body_sent = 0
         self.body_done = False
         self.response_started = False
         self.done = False
         self.last_activity = 0.0
-        self.timeout = rt.timeout
+        self.timeout = pool.timeout
         self.retried = False
-        self.backend_version = "1.1"
         self.received = 0
-        self.sent_bytes = 0
-        self.trailers_out = None
-        self.expect_continue = False
+        self.expect_continue = False      # the client itself asked for 100-continue
+        self.replay = [] if req.method in _IDEMPOTENT else None
+        self.holding = False              # body held back until the backend says 100
+        self.pin = False
+        self.reused = False
 
     # -- start ---------------------------------------------------------------------------
 
@@ -62,6 +70,12 @@ class ReverseExchange:
         self.early = conn.attach(req, self)
         if not req.complete:
             conn.pause_reading()     # until a backend connection takes the body
+        pinned = conn.pinned.get(self.pool) if conn.pinned else None
+        if pinned is not None:
+            if pinned.connected_ok and pinned.reusable:
+                self.backend_connected(pinned, True)     # NTLM/Negotiate: same connection
+                return
+            del conn.pinned[self.pool]
         self.pool.acquire(self)
 
     def _build_head(self) -> bytes:
@@ -91,12 +105,12 @@ class ReverseExchange:
             for n, v in req.headers:
                 if n.lower() == b"expect" and v.strip().lower() == b"100-continue":
                     self.expect_continue = True
-                    framing += b"Expect: 100-continue\r\n"
                     break
         if self.rt.disablereuse:
             framing += b"Connection: close\r\n"
-        return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (req.method, self.target,
-                                               serialize_headers(hdrs), framing)
+        # the blank line and any Expect are added per connection (see backend_connected)
+        return b"%s %s HTTP/1.1\r\n%s%s" % (req.method, self.target,
+                                            serialize_headers(hdrs), framing)
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -133,16 +147,39 @@ class ReverseExchange:
             self.pool.release(bconn)
             return
         self.bconn = bconn
+        self.reused = reused
         req = self.req
-        bconn.begin(self, self.head, req.method == b"HEAD")
+        # ping: on a reused connection, hold the body back until the backend answers
+        # 100 (or anything), so a dead connection costs a retry, not the request
+        ping = self.pool.ping if reused and req.has_body and not self.body_sent else 0.0
+        expect = self.expect_continue or ping
+        bconn.begin(self, self.head + (_EXPECT_100 + b"\r\n" if expect else b"\r\n"),
+                    req.method == b"HEAD")
+        if ping:
+            self.holding = True
+            self.last_activity = self.ctx.reactor.seconds()
+            bconn.deadline.set(ping, self._ping_timed_out)
+            return
         self._arm(self.timeout)
+        self._send_early()
+
+    def _send_early(self) -> None:
         early, self.early = self.early, None
         if early:
             for chunk in early:
                 self._send_body(chunk)
-        if req.complete:
-            self._end_body(req.trailers)
+        if self.req.complete and not self.body_done:
+            self._end_body(self.req.trailers)
         self.conn.resume_reading()
+
+    def _ping_timed_out(self) -> None:
+        if self.done or not self.holding:
+            return
+        bconn = self.bconn
+        self.bconn = None
+        bconn.close()
+        if not self._retry(f"no answer to the {self.pool.ping:g}s ping"):
+            self._fail(503, f"no answer to the 100-continue ping within {self.pool.ping:g}s")
 
     def backend_connect_failed(self, why: str) -> None:
         if self.done:
@@ -152,15 +189,23 @@ class ReverseExchange:
     # -- request body: client -> backend ----------------------------------------------------------
 
     def client_body(self, data: bytes) -> None:
-        if self.bconn is None:
+        if self.done:
+            return
+        if self.bconn is None or self.holding:
             if self.early is None:
                 self.early = []
             self.early.append(data)      # reading is paused: at most one read's worth
-        elif not self.done:
+        else:
             self._send_body(data)
 
     def _send_body(self, data: bytes) -> None:
         self.body_sent += len(data)
+        replay = self.replay
+        if replay is not None:
+            if self.body_sent <= REPLAY_LIMIT:
+                replay.append(data)
+            else:
+                self.replay = None
         self.last_activity = self.ctx.reactor.seconds()
         if self.body_chunked:
             self.bconn.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
@@ -168,7 +213,7 @@ class ReverseExchange:
             self.bconn.write(data)
 
     def client_body_end(self, trailers) -> None:
-        if self.bconn is not None and not self.done:
+        if self.bconn is not None and not self.done and not self.holding:
             self._end_body(trailers)
 
     def _end_body(self, trailers) -> None:
@@ -189,6 +234,10 @@ class ReverseExchange:
 
     def backend_interim(self, status: int, rsn: bytes, headers) -> None:
         self.last_activity = self.ctx.reactor.seconds()
+        if status == 100 and self.holding:
+            self.holding = False         # the ping was answered: the body may go
+            self._arm(self.timeout)
+            self._send_early()
         if status == 100 and not self.expect_continue:
             return
         self.conn.send_interim(self.req, status, rsn,
@@ -207,8 +256,17 @@ class ReverseExchange:
                             "passed to an HTTP/1.0 client")
             return
         self.response_started = True
+        if self.holding:                 # a final answer to the ping: the body never goes
+            self.holding = False
+            self._arm(self.timeout)
         self.last_activity = self.ctx.reactor.seconds()
         req, rt = self.req, self.rt
+        if status == 401 and self.pool is not None:
+            for n, v in headers:
+                if n.lower() == b"www-authenticate" and \
+                        v.split(b" ", 1)[0].strip().lower() in _CONNECTION_AUTH:
+                    self.pin = True      # NTLM/Negotiate authenticate the connection
+                    break
         out = H.response_to_client(headers, via=rt.vhost.proxy_via, via_name=rt.via_name,
                                    backend_version=version.encode("ascii"))
         if rt.reverse_map is not None:
@@ -238,7 +296,10 @@ class ReverseExchange:
         if not self.body_done:
             bconn.reusable = False      # the backend did not take the whole body
         self._member_done(ok=True)
-        self.pool.release(bconn)
+        if (self.pin or bconn in self.conn.pinned.values()) and bconn.reusable:
+            self.conn.pin(self.pool, bconn)
+        else:
+            self.pool.release(bconn)
         self.conn.end_response(self.req, trailers if trailers else None)
 
     def backend_invalid(self, bconn, why: str) -> None:
@@ -252,17 +313,35 @@ class ReverseExchange:
         if self.done:
             return
         self.bconn = None
-        if not self.response_started and bconn.uses > 1 and not bconn.got_bytes \
-                and not self.retried and (self.body_sent == 0 and self.early is None
-                                          or self.req.method in _IDEMPOTENT and
-                                          self.body_sent == 0):
-            # a kept-alive connection the backend closed as we sent: try a fresh one once
-            self.retried = True
-            self.pool.acquire_fresh(self)
+        if not self.response_started and not bconn.got_bytes and \
+                self._retry("connection closed before any answer"):
             return
         why = "connection closed before a complete response" if bconn.got_bytes else \
             "connection closed without a response"
         self._fail(502, why)
+
+    def _retry(self, why: str) -> bool:
+        """Once, on a new connection, when the failed one was a kept-alive one and the
+        request can be sent again: no body byte sent yet, or an idempotent request
+        whose body so far is still at hand."""
+        if self.retried or not self.reused or self.response_started:
+            return False
+        if self.body_sent and self.replay is None:
+            return False
+        self.retried = True
+        self.holding = False
+        if self.body_sent:
+            self.early = self.replay + (self.early or [])
+            self.replay = []
+            self.body_sent = 0
+            self.body_done = False
+        if not self.req.complete:
+            self.conn.pause_reading()
+        log.debug("{where}: backend {backend}: {why} on a kept-alive connection: "
+                  "sending again on a new one", where=self.rt.where,
+                  backend=self.backend_name, why=why)
+        self.pool.acquire_fresh(self)
+        return True
 
     # -- flow control from the client side ----------------------------------------------------------
 
@@ -283,6 +362,8 @@ class ReverseExchange:
         if self.bconn is not None:
             self.bconn.close()
             self.bconn = None
+        else:
+            self.pool.cancel(self)       # it may be waiting for a free connection
         self._member_done(ok=True)
 
     # -- endings ------------------------------------------------------------------------------------

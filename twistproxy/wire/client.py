@@ -134,6 +134,7 @@ class ClientConnection(Protocol):
         self._timer = None               # a Deadline, once connected
         self._timer_kind = ""
         self._last: Request | None = None
+        self.pinned: dict = {}            # pool -> backend connection (NTLM/Negotiate)
         self._head_bytes = 0
         self.requests_served = 0
 
@@ -161,6 +162,9 @@ class ClientConnection(Protocol):
             if req.exchange is not None:
                 req.exchange.client_gone()
         self.queue.clear()
+        pinned, self.pinned = self.pinned, {}
+        for bconn in pinned.values():
+            bconn.close()
         self.ctx.connection_closed(self)
 
     def hang_up(self) -> None:
@@ -380,6 +384,15 @@ class ClientConnection(Protocol):
 
     def resume_reading(self):
         self._resume(PAUSE_BACKEND_FULL)
+
+    def pin(self, pool, bconn) -> None:
+        """Keep this backend connection for this client connection's later requests:
+        it was authenticated (NTLM/Negotiate), not the requests on it. It stays busy in
+        its pool until either side closes."""
+        bconn.exchange = None
+        if bconn.paused:
+            bconn.resume()
+        self.pinned[pool] = bconn
 
     def active_exchange(self):
         return self.queue[0].exchange if self.queue else None

@@ -1,0 +1,71 @@
+"""Workers: backend URLs with their parameters, each with one connection pool.
+
+Owns mod_proxy's worker sharing (reference §1.5): a URL whose name starts with an
+already defined worker's name shares that worker, and its own parameters are ignored
+(with a warning, as Apache warns); at request time the worker is the longest one
+whose name prefixes the target URL. Members of balancers are defined first, then
+routes in file order.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from .config import BackendURL, ServerConfig, WorkerParams
+from .pool import Pool
+
+log = Logger(namespace="twistproxy")
+
+
+def worker_name(url: BackendURL) -> str:
+    """scheme://host[:port]/path (default port dropped; a regex template up to its
+    first substitution; no query)."""
+    path = url.path.split("$", 1)[0].split("?", 1)[0]
+    return url.origin + path
+
+
+class Workers:
+    def __init__(self, reactor, server: ServerConfig, tls_options_for=None):
+        self.reactor = reactor
+        self.server = server
+        self.tls_options_for = tls_options_for
+        self.by_origin: dict[str, list[tuple[str, Pool]]] = {}
+
+    def define(self, url: BackendURL, params: WorkerParams, where: str) -> Pool:
+        name = worker_name(url)
+        same_origin = self.by_origin.setdefault(url.origin, [])
+        for wname, pool in same_origin:
+            if name.startswith(wname):
+                if params != pool.params:
+                    log.warn("{where}: {name} shares worker {wname}: its parameters are "
+                             "ignored (define longer URLs first)", where=where, name=name,
+                             wname=wname)
+                return pool
+        timeout = params.timeout or self.server.timeout
+        pool = Pool(self.reactor, url.host, url.port, tls=url.tls,
+                    connect_timeout=params.connectiontimeout or timeout,
+                    reuse=not params.disablereuse,
+                    tls_options=self.tls_options_for(url) if url.tls else None,
+                    max=params.max, smax=params.smax, ttl=params.ttl,
+                    acquire=params.acquire, keepalive=params.keepalive, name=name,
+                    timeout=timeout, ping=params.ping, params=params)
+        same_origin.append((name, pool))
+        # longest names first, so the request-time search stops at the first prefix
+        same_origin.sort(key=lambda item: len(item[0]), reverse=True)
+        return pool
+
+    def candidates(self, url: BackendURL) -> list[tuple[str, Pool]]:
+        return self.by_origin[url.origin]
+
+    def pools(self):
+        for entries in self.by_origin.values():
+            for _, pool in entries:
+                yield pool
+
+
+def longest(candidates: list[tuple[str, Pool]], full_url: str) -> Pool:
+    """The worker whose name is the longest prefix of the target URL."""
+    for name, pool in candidates:
+        if full_url.startswith(name):
+            return pool
+    return candidates[-1][1]
