@@ -207,3 +207,80 @@ def test_head_response_with_length_leaves_connection_reusable():
     assert b"Content-Length: 10\r\n" in out and out.endswith(b"\r\n\r\n")
     pool = h.ctx.pools[0]
     assert list(pool.idle) == [backend] and not bt.disconnecting
+
+
+PING_CONFIG = CONFIG.replace('url = "http://10.9.9.9:8081/base/"',
+                             'url = "http://10.9.9.9:8081/base/"\n  ping = 2')
+
+
+def _warm(h, client, ct):
+    """One GET so that the pool holds a kept-alive connection."""
+    client.dataReceived(b"GET /w HTTP/1.1\r\nHost: a\r\n\r\n")
+    backend, bt = h.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    take(ct), take(bt)
+    return backend, bt
+
+
+def test_ping_holds_the_body_until_the_backend_says_100():
+    h = Harness(PING_CONFIG)
+    client, ct = h.client()
+    backend, bt = _warm(h, client, ct)
+    client.dataReceived(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    head = take(bt)
+    assert head.endswith(b"Expect: 100-continue\r\n\r\n")      # body held back
+    backend.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert take(bt) == b"hello"
+    assert b"100 Continue" not in ct.value()                   # the client did not ask
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert take(ct).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_ping_unanswered_goes_to_a_fresh_connection():
+    h = Harness(PING_CONFIG)
+    client, ct = h.client()
+    backend, bt = _warm(h, client, ct)
+    client.dataReceived(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    take(bt)
+    h.reactor.advance(2.1)
+    assert bt.disconnecting and len(h.reactor.tcpClients) == 2
+    backend2, bt2 = h.backend()
+    sent = take(bt2)
+    assert b"Expect" not in sent and sent.endswith(b"\r\n\r\nhello")   # fresh: no ping
+    backend2.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert take(ct).startswith(b"HTTP/1.1 201 Created\r\n")
+
+
+def test_idempotent_put_with_small_body_is_replayed_on_a_new_connection():
+    h = Harness()
+    client, ct = h.client()
+    backend, bt = _warm(h, client, ct)
+    client.dataReceived(b"PUT /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+    assert take(bt).endswith(b"\r\n\r\nabc")
+    backend.connectionLost(None)
+    backend2, bt2 = h.backend()
+    assert take(bt2).endswith(b"\r\n\r\nabc")
+
+
+def test_ntlm_401_pins_the_backend_connection_to_the_client_connection():
+    h = Harness()
+    one, ct1 = h.client()
+    two, ct2 = h.client()
+    one.dataReceived(b"GET /auth HTTP/1.1\r\nHost: a\r\n\r\n")
+    b1, bt1 = h.backend()
+    b1.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\n"
+                    b"Content-Length: 0\r\n\r\n")
+    take(ct1), take(bt1)
+    pool = h.ctx.pools[0]
+    assert not pool.idle and one.pinned == {pool: b1}
+    # another client gets its own connection: the pinned one is not in the pool
+    two.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len(h.reactor.tcpClients) == 2
+    # the first client's next request goes on its pinned connection
+    one.dataReceived(b"GET /auth HTTP/1.1\r\nHost: a\r\nAuthorization: NTLM TlRMTVNT\r\n\r\n")
+    assert take(bt1).startswith(b"GET /base/auth HTTP/1.1\r\n")
+    b1.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert take(ct1).startswith(b"HTTP/1.1 200 OK")
+    assert one.pinned == {pool: b1}          # stays pinned until either side closes
+    one.connectionLost(None)
+    assert bt1.disconnecting
