@@ -227,6 +227,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
 
 _WORKER_KEYS = tuple(WorkerParams.__dataclass_fields__)
+_HC_KEYS = ("hcmethod", "hcuri", "hcinterval", "hcpasses", "hcfails", "hcexpect")
 
 
 def listen_key(address: str, port: int) -> str:
@@ -620,11 +621,16 @@ class _Loader:
         if not re.fullmatch(r"[a-z0-9_][a-z0-9_\-]*", name):
             raise self.fail(w, name, "is not a valid balancer name "
                                      "(lower-case letters, digits, '_' and '-')")
-        allowed = tuple(BalancerConfig.__dataclass_fields__) + ("member",)
+        allowed = tuple(BalancerConfig.__dataclass_fields__) + ("member",) + _HC_KEYS
         allowed = tuple(k for k in allowed if k not in ("name", "members"))
         raw = self.table(w, raw, allowed, required=("member",))
         d = BalancerConfig(name)
-        members = tuple(self.member(f"{w}.member[{i}]", m)
+        # health-check keys on the balancer are the members' template (Apache's hctemplate)
+        template = {k: raw[k] for k in _HC_KEYS if k in raw}
+        if template:     # checked here, so an error names the balancer's key
+            self.member(w, {**template, "url": "http://template.invalid/"})
+        members = tuple(self.member(f"{w}.member[{i}]", {**template, **m}
+                                    if isinstance(m, dict) else m)
                         for i, m in enumerate(self.array_of_tables(f"{w}.member", raw["member"])))
         if not members:
             raise self.fail(f"{w}.member", [], "must list at least one member")

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from . import headers as H
 from .balancer import Balancer
+from .balancer.health import HealthCheck
 from .config import BackendURL, Config, RouteConfig, VhostConfig
 from .handlers.reverse import ReverseExchange
 from .pool import Pool
@@ -82,6 +83,30 @@ class RouteRuntime:
     _now = None
 
 
+class Balanced:
+    """A request's dealings with a balancer: members tried, and how to address one."""
+
+    __slots__ = ("balancer", "target", "url", "cookie", "tried", "max_attempts")
+
+    def __init__(self, balancer: Balancer, target: bytes, cookie: str | None):
+        self.balancer = balancer
+        self.target = target                 # relative to the balancer URL
+        self.url = target.decode("latin-1")   # where a sticky URL parameter is looked for
+        self.cookie = cookie
+        self.tried: list = []
+        configured = balancer.config.maxattempts
+        n = len(balancer.members)
+        self.max_attempts = configured if configured is not None else \
+            (n - 1 if n >= 2 else 0)
+
+    def member_target(self, member) -> bytes:
+        base = member.config.url.path.rstrip("/")
+        return base.encode("latin-1") + self.target if base else self.target
+
+    def backend_name(self, member) -> str:
+        return f"balancer://{self.balancer.name}|{member.name}|{member.route or '-'}"
+
+
 class ProxyContext:
     def __init__(self, config: Config, reactor, access_log=None):
         self.config = config
@@ -97,10 +122,13 @@ class ProxyContext:
         self.workers = Workers(reactor, config.server, _tls_options_for)
         self.balancers = {name: Balancer(b) for name, b in config.balancers.items()}
         self.member_pools = {}
+        self.health_checks: list[HealthCheck] = []
         for name, bal in self.balancers.items():
             for i, m in enumerate(bal.members):
-                self.member_pools[id(m)] = self.workers.define(
+                pool = self.member_pools[id(m)] = self.workers.define(
                     m.config.url, m.config.worker, f"balancer.{name}.member[{i}]")
+                if m.config.hcmethod != "NONE":
+                    self.health_checks.append(HealthCheck(reactor, name, m, pool))
         self.connections: set = set()
         self.stopping = False
         self.routes: dict[int, RouteRuntime] = {}
@@ -181,8 +209,10 @@ class ProxyContext:
         ReverseExchange(self, conn, req, rt, target_bytes, rt.pool_for(target_bytes),
                         rt.backend_name).start()
 
-    def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes) -> None:
+    def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes,
+                           waited_until: float | None = None) -> None:
         bal = rt.balancer
+        lb = Balanced(bal, target, req.header("cookie"))
         choice = None
         if conn.pinned:
             # a connection authenticated by NTLM/Negotiate stays on its member
@@ -191,20 +221,27 @@ class ProxyContext:
                     choice = bal.elect(m)
                     break
         if choice is None:
-            choice = bal.choose(target.decode("latin-1"), req.header("cookie"),
-                                self.reactor.seconds())
+            choice = bal.choose(lb.url, lb.cookie, self.reactor.seconds())
         member = choice.member
         if member is None:
+            wait = bal.config.timeout
+            now = self.reactor.seconds()
+            if wait and not choice.sticky_route and conn.transport.connected:
+                # balancer timeout: poll for a usable member before giving up
+                until = waited_until if waited_until is not None else now + wait
+                if now < until:
+                    self.reactor.callLater(max(wait / 100, 0.01), self._dispatch_balanced,
+                                           conn, req, rt, target, until)
+                    return
             why = (f"sticky route {choice.sticky_route!r} is unavailable and nofailover is on"
                    if choice.sticky_route else "no usable member")
             log.warn("{where}: balancer://{name}: {why} -> 503", where=rt.where,
                      name=bal.name, why=why)
             return conn.respond_error(req, 503)
-        base = member.config.url.path.rstrip("/")
-        full_target = base.encode("latin-1") + target if base else target
-        ReverseExchange(self, conn, req, rt, full_target, rt.member_pools[id(member)],
-                        f"balancer://{bal.name}|{member.name}|{member.route or '-'}",
-                        member=member, choice=choice).start()
+        lb.tried.append(member)
+        ReverseExchange(self, conn, req, rt, lb.member_target(member),
+                        rt.member_pools[id(member)], lb.backend_name(member),
+                        member=member, choice=choice, lb=lb).start()
 
     def _answer_max_forwards(self, conn, req) -> None:
         if req.method == b"TRACE":

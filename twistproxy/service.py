@@ -53,6 +53,8 @@ class ProxyService(MultiService):
             b.sock.close()       # the reactor holds its own duplicate
             log.info("listening on {key}", key=b.listen.key if b.listen.port else
                      f"{b.listen.address}:{b.port}")
+        for check in self.ctx.health_checks:
+            check.start()
         if any(p.ttl is not None for p in self.ctx.pools):
             # pool maintenance: idle connections above smax older than ttl are closed
             self._sweeper = task.LoopingCall(self._sweep)
@@ -70,6 +72,8 @@ class ProxyService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.ctx.stopping = True
+        for check in self.ctx.health_checks:
+            check.stop()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         for conn in list(self.ctx.connections):

@@ -31,10 +31,10 @@ class ReverseExchange:
                  "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
                  "response_started", "done", "last_activity", "timeout", "retried",
                  "received", "choice", "expect_continue", "replay", "holding", "pin",
-                 "reused")
+                 "reused", "lb", "member_failed")
 
     def __init__(self, ctx, conn, req, rt, target: bytes, pool, backend_name: str,
-                 member=None, choice=None):
+                 member=None, choice=None, lb=None):
         self.ctx = ctx
         self.conn = conn
         self.req = req
@@ -60,6 +60,8 @@ class ReverseExchange:
         self.holding = False              # body held back until the backend says 100
         self.pin = False
         self.reused = False
+        self.lb = lb                      # proxy.Balanced, for a balancer route
+        self.member_failed = False        # failonstatus / failontimeout matched
 
     # -- start ---------------------------------------------------------------------------
 
@@ -68,7 +70,7 @@ class ReverseExchange:
         req.backend = self.backend_name
         self.head = self._build_head()
         self.early = conn.attach(req, self)
-        if not req.complete:
+        if req.has_body and not req.complete:
             conn.pause_reading()     # until a backend connection takes the body
         pinned = conn.pinned.get(self.pool) if conn.pinned else None
         if pinned is not None:
@@ -134,6 +136,8 @@ class ReverseExchange:
             self.client_gone()
             self.conn.abort_response(self.req)
         else:
+            if self.lb is not None and self.lb.balancer.config.failontimeout:
+                self.member_failed = True
             self._fail(504, f"no answer within {self.timeout:g}s")
 
     def _disarm(self) -> None:
@@ -178,13 +182,44 @@ class ReverseExchange:
         bconn = self.bconn
         self.bconn = None
         bconn.close()
-        if not self._retry(f"no answer to the {self.pool.ping:g}s ping"):
-            self._fail(503, f"no answer to the 100-continue ping within {self.pool.ping:g}s")
+        why = f"no answer to the 100-continue ping within {self.pool.ping:g}s"
+        if not self._retry(why) and not self._failover(why):
+            self._fail(503, why)
 
     def backend_connect_failed(self, why: str) -> None:
         if self.done:
             return
-        self._fail(503, why)
+        if not self._failover(why):
+            self._fail(503, why)
+
+    def _failover(self, why: str) -> bool:
+        """A member that could not be reached goes into error state and, while
+        maxattempts allows, the request goes to another member (nothing was read back
+        and no body sent yet, so this is always safe)."""
+        lb, member = self.lb, self.member
+        if lb is None or member is None or self.response_started or self.body_sent:
+            return False
+        now = self.ctx.reactor.seconds()
+        self._member_done(ok=False)
+        if len(lb.tried) > lb.max_attempts:
+            return False
+        choice = lb.balancer.choose(lb.url, lb.cookie, now, exclude=tuple(lb.tried))
+        nxt = choice.member
+        if nxt is None:
+            return False
+        lb.tried.append(nxt)
+        log.warn("{where}: balancer://{name}: member {failed}: {why}: failing over to {nxt}",
+                 where=self.rt.where, name=lb.balancer.name, failed=member.name, why=why,
+                 nxt=nxt.name)
+        self.member, self.choice = nxt, choice
+        self.pool = self.rt.member_pools[id(nxt)]
+        self.timeout = self.pool.timeout
+        self.target = lb.member_target(nxt)
+        self.backend_name = self.req.backend = lb.backend_name(nxt)
+        self.head = self._build_head()
+        self.retried = False
+        self.pool.acquire(self)
+        return True
 
     # -- request body: client -> backend ----------------------------------------------------------
 
@@ -259,8 +294,11 @@ class ReverseExchange:
         if self.holding:                 # a final answer to the ping: the body never goes
             self.holding = False
             self._arm(self.timeout)
+            self.conn.resume_reading()   # the rest of the body is read and dropped
         self.last_activity = self.ctx.reactor.seconds()
         req, rt = self.req, self.rt
+        if self.lb is not None and status in self.lb.balancer.config.failonstatus:
+            self.member_failed = True    # relayed, then the member goes into error
         if status == 401 and self.pool is not None:
             for n, v in headers:
                 if n.lower() == b"www-authenticate" and \
@@ -295,7 +333,7 @@ class ReverseExchange:
         self.bconn = None
         if not self.body_done:
             bconn.reusable = False      # the backend did not take the whole body
-        self._member_done(ok=True)
+        self._member_done(ok=not self.member_failed)
         if (self.pin or bconn in self.conn.pinned.values()) and bconn.reusable:
             self.conn.pin(self.pool, bconn)
         else:
@@ -335,7 +373,7 @@ class ReverseExchange:
             self.replay = []
             self.body_sent = 0
             self.body_done = False
-        if not self.req.complete:
+        if self.req.has_body and not self.req.complete:
             self.conn.pause_reading()
         log.debug("{where}: backend {backend}: {why} on a kept-alive connection: "
                   "sending again on a new one", where=self.rt.where,
@@ -374,7 +412,9 @@ class ReverseExchange:
         if self.bconn is not None:
             self.bconn.close()
             self.bconn = None
-        self._member_done(ok=status != 503)
+        lb = self.lb
+        self._member_done(ok=not (status == 503 or self.member_failed or (
+            lb is not None and status in lb.balancer.config.failonstatus)))
         self.conn.resume_reading()       # start() paused it until a backend took the body
         rt = self.rt
         log.warn("{where}: backend {backend}: {why} -> {status}", where=rt.where,

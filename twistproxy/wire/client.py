@@ -265,6 +265,10 @@ class ClientConnection(Protocol):
     def on_message_begin(self):
         self._head_bytes = 0
         self.cur = Request(self.ctx.reactor.seconds())
+        if self.queue:
+            # a pipelined request: read no further until the earlier one is answered.
+            # (Not paused otherwise, so a client that goes away is noticed at once.)
+            self._pause(PAUSE_PIPELINE)
         if not self.queue:
             self._arm("header", self.ctx.server.header_timeout)
 
@@ -341,9 +345,6 @@ class ClientConnection(Protocol):
         elif self.queue and self.queue[0] is req and req.head_sent:
             self._finish(req)        # answered early; the rest of the body was dropped
             return
-        if self.queue:
-            # bound what pipelining can queue: read no further until this is answered
-            self._pause(PAUSE_PIPELINE)
 
     def on_chunk_header(self):
         pass
@@ -528,7 +529,7 @@ class ClientConnection(Protocol):
             return
         if self.queue:
             self._start(self.queue[0])
-        if not self.queue or (len(self.queue) == 1 and not self.queue[0].complete):
+        if len(self.queue) <= 1:
             self._resume(PAUSE_PIPELINE)
         if not self.queue and self.cur is None:
             self._arm("idle", self.ctx.server.keepalive_timeout)
