@@ -123,3 +123,13 @@ def test_route_parsing():
     assert split_route("mycluster.node1", ".") == "node1"
     assert split_route("nosep", ".") is None
     assert split_route("whole", "") == "whole"
+
+
+def test_hot_spare_replaces_one_unusable_member_each():
+    b = balancer(member(1) + member(2) + member(3, 'status = "+R"') +
+                 member(4, 'status = "+R"'))
+    assert set(pick(b, 20)) == {1, 2}            # spares idle while all are up
+    b.members[0].mark_error(now=0.0)
+    assert set(pick(b, 20, now=1.0)) == {2, 3}   # one spare steps in for one member
+    b.members[1].mark_error(now=0.0)
+    assert set(pick(b, 20, now=1.0)) == {3, 4}

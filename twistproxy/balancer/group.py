@@ -35,6 +35,10 @@ class Member:
         return "H" in self.flags
 
     @property
+    def spare(self) -> bool:
+        return "R" in self.flags
+
+    @property
     def draining(self) -> bool:
         return "N" in self.flags
 
@@ -158,17 +162,29 @@ class Balancer:
         self._total = 0
         better = self._better
         for lbset in range(self.max_lbset + 1):
-            best, standbys = None, []
+            best, spares, standbys, unusable = None, [], [], 0
             for m in self.members:
-                if m.config.lbset != lbset or m.draining or m in exclude:
+                if m.config.lbset != lbset or m in exclude:
+                    continue
+                if m.draining:               # N: only its own sticky requests
+                    if not (m.spare or m.standby):
+                        unusable += 1
                     continue
                 if not m.usable():
                     m.try_retry(now)
-                if not m.usable():
-                    continue
-                if m.standby:
-                    standbys.append(m)
-                elif better(m, best):
+                if m.spare:
+                    if m.usable():
+                        spares.append(m)
+                elif m.standby:
+                    if m.usable():
+                        standbys.append(m)
+                elif m.usable():
+                    if better(m, best):
+                        best = m
+                else:
+                    unusable += 1
+            for m in spares[:unusable]:      # one spare per unusable regular member
+                if better(m, best):
                     best = m
             if best is None:
                 for m in standbys:
