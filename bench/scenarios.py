@@ -1,0 +1,131 @@
+"""The scenarios, and one measurement: a fresh proxy process, a check that it relays,
+a warm-up, the load, its memory (VmRSS sampled during the load, VmHWM at the end),
+then the proxy stopped. A fresh process per measurement keeps each peak its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import load
+from .backends import Backends, Target
+from .procs import MIB, MemorySampler, free_port
+from .proxies import Proxy
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    kind: str                    # "wrk", "download" or "upload"
+    target: str                  # key of Backends.targets
+    connections: int = 0
+    threads: int = 1
+    members: str = "one"         # "one" backend, a "pair" (balancer), the upload "sink"
+    metric: str = "rps"          # what the ratio column compares: rps, p50_ms or mbps
+
+
+SCENARIOS = [
+    Scenario("small", "128-byte responses, 50 connections", "wrk", "small", 50),
+    Scenario("latency", "128-byte responses, 1 connection (added latency)", "wrk",
+             "small", 1, metric="p50_ms"),
+    Scenario("large", "1 MiB responses, 10 connections", "wrk", "large", 10),
+    Scenario("download", "one streamed download", "download", "stream", metric="mbps"),
+    Scenario("upload", "one streamed upload (Content-Length)", "upload", "upload",
+             members="sink", metric="mbps"),
+    Scenario("clients", "5,000 concurrent keep-alive clients, 128-byte responses",
+             "wrk", "small", 5000, threads=2),
+    Scenario("balancer", "balancer of two members, 128-byte responses, 50 connections",
+             "wrk", "small", 50, members="pair"),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+@dataclass
+class Env:
+    workdir: Path
+    backends: Backends
+    wrk: str | None
+    duration: float
+    warmup: float
+    rss_limit_mib: int = 4096
+
+    def stream_timeout(self, nbytes: int) -> float:
+        return max(30.0, nbytes / 20e6)          # gives up below 20 MB/s
+
+
+def _members(scn: Scenario, b: Backends) -> list[int]:
+    return {"one": b.members[:1], "pair": b.members, "sink": [b.sink]}[scn.members]
+
+
+def _check(scn: Scenario, port: int, b: Backends) -> None:
+    target = b.targets[scn.target] if scn.kind == "wrk" else b.targets["small"]
+    if scn.kind == "upload":
+        target = Target("/", 1)                  # the echo sink answers GET with JSON
+    status, size = load.fetch(port, target)
+    if status != 200 or size < target.size:
+        raise RuntimeError(f"check request {target.path}: status {status}, {size} bytes")
+
+
+def run(scn: Scenario, proxy: Proxy, env: Env, tag: str) -> dict:
+    """One measurement of one proxy in one scenario; {"error": ...} when it failed."""
+    b = env.backends
+    members = _members(scn, b)
+    target = b.targets[scn.target]
+    proc = sampler = None
+    try:
+        if proxy.name == "direct":
+            port = members[0]
+        else:
+            port = free_port()
+            proc = proxy.start(env.workdir, port, members, tag)
+            proc.wait_port(port)
+        _check(scn, port, b)
+        if scn.kind == "wrk" and env.warmup > 0:
+            load.wrk(env.wrk, port, target.path, scn.connections, env.warmup,
+                     scn.threads, target.headers)
+        if proc:
+            sampler = MemorySampler(proc.pid, limit_kib=env.rss_limit_mib * 1024)
+        if scn.kind == "wrk":
+            result = load.wrk(env.wrk, port, target.path, scn.connections,
+                              env.duration, scn.threads, target.headers)
+        else:
+            began = time.monotonic()
+            deadline = began + env.stream_timeout(target.size)
+
+            def give_up():
+                if sampler is not None and sampler.over_limit:
+                    return f"the proxy's RSS passed {env.rss_limit_mib} MiB"
+                if time.monotonic() > deadline:
+                    return f"too slow, stopped after {deadline - began:.0f} s (under 20 MB/s)"
+                return None
+            transfer = load.download if scn.kind == "download" else load.upload
+            result = transfer(port, target, give_up)
+        if proc and not proc.alive():
+            raise RuntimeError("exited during the run")
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        if proc and not proc.alive() and proc.name not in msg:
+            msg += f" ({proc.name}: {proc.tail(3)})"
+        result = {"error": msg}
+    finally:
+        if sampler:
+            sampler.stop()
+        if proc:
+            proc.stop()
+    if sampler:
+        result["rss_mib"] = round(sampler.peak_rss / 1024, 1)
+        result["peak_rss_mib"] = round(sampler.hwm / 1024, 1)
+    log = env.workdir / f"{tag}.access.log"
+    if log.exists():                              # proof that logging was on
+        with open(log, "rb") as f:
+            result["access_log_lines"] = sum(1 for _ in f)
+    return result
+
+
+def rss_target_note(nbytes: int) -> str:
+    if nbytes >= 1024 * MIB:
+        return ""
+    return f" (at {nbytes / MIB:.0f} MiB; the target is for 1 GiB)"
