@@ -243,7 +243,7 @@ class ReverseExchange:
                 self.replay = None
         self.last_activity = self.ctx.reactor.seconds()
         if self.body_chunked:
-            self.bconn.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.bconn.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
             self.bconn.write(data)
 

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ..headers import transfer_codings
 from .deadline import Deadline
+from .direct import writer_for
 
 _BODYLESS_STATUS = (204, 304)
 
@@ -75,6 +76,7 @@ class BackendConnection(Protocol):
         except Exception:
             pass
         self.transport.registerProducer(_RequestFlow(self), True)
+        self._write = writer_for(self.transport)
 
     def connectionLost(self, reason=None):
         self.connected_ok = False
@@ -103,10 +105,10 @@ class BackendConnection(Protocol):
         self._close_delimited = False
         self._in_body = False
         self.parser = httptools.HttpResponseParser(self)
-        self.transport.write(head)
+        self.write(head)
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._write(data)
 
     def pause(self):
         if not self.paused:
@@ -137,6 +139,14 @@ class BackendConnection(Protocol):
             self.hang_up()
             return
         self.got_bytes = True
+        client = ex.conn
+        client.cork()            # what this read produces goes out in one send
+        try:
+            self._feed(ex, data)
+        finally:
+            client.uncork()
+
+    def _feed(self, ex, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .deadline import Deadline
+from .direct import writer_for
 from .messages import error_body, reason, serialize_headers
 
 log = Logger()
@@ -136,6 +137,8 @@ class ClientConnection(Protocol):
         self._last: Request | None = None
         self.pinned: dict = {}            # pool -> backend connection (NTLM/Negotiate)
         self._head_bytes = 0
+        self._corked: list | None = None
+        self._write = None
         self.requests_served = 0
 
     # -- connection life -------------------------------------------------------
@@ -149,6 +152,7 @@ class ClientConnection(Protocol):
         except Exception:
             pass
         self.parser = httptools.HttpRequestParser(self)
+        self._write = writer_for(t)
         self._timer = Deadline(self.ctx.reactor)
         self.ctx.connection_made(self)
         t.registerProducer(_ResponseFlow(self), True)
@@ -167,9 +171,29 @@ class ClientConnection(Protocol):
             bconn.close()
         self.ctx.connection_closed(self)
 
+    # -- writing ------------------------------------------------------------------------
+    # While a backend's read is being relayed the connection is "corked": what the
+    # exchange writes (head, body, last chunk) is joined and sent in one go.
+
+    def out(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            self._write(data)
+
+    def cork(self) -> None:
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked:
+            self._write(corked[0] if len(corked) == 1 else b"".join(corked))
+
     def hang_up(self) -> None:
         """Close after what is buffered is sent. Our flow-control producer goes first:
         while Twisted holds it paused, a drained buffer resumes it instead of closing."""
+        self.uncork()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
@@ -417,8 +441,7 @@ class ClientConnection(Protocol):
     def send_interim(self, req: Request, status: int, rsn: bytes, headers) -> None:
         if req.version != b"1.1" or req.head_sent:
             return
-        self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n"
-                             % (status, rsn, serialize_headers(headers)))
+        self.out(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, rsn, serialize_headers(headers)))
 
     def send_head(self, req: Request, status: int, rsn: bytes, headers: list,
                   length: int | None, bodyless: bool = False, codings: bytes = b"") -> None:
@@ -455,7 +478,7 @@ class ClientConnection(Protocol):
             extra.append(b"Date: %s\r\n" % ctx.http_date())
         if not has_server and ctx.server_header:
             extra.append(b"Server: %s\r\n" % ctx.server_header)
-        self.transport.write(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+        self.out(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
             status, rsn, serialize_headers(headers), b"".join(extra)))
 
     def send_body(self, req: Request, data: bytes) -> None:
@@ -463,16 +486,16 @@ class ClientConnection(Protocol):
             return
         req.sent += len(data)
         if req.chunked_out:
-            self.transport.writeSequence((b"%x\r\n" % len(data), data, _CHUNK_END))
+            self.out(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.transport.write(data)
+            self.out(data)
 
     def end_response(self, req: Request, trailers=None) -> None:
         if req.chunked_out:
             if trailers:
-                self.transport.write(b"0\r\n%s\r\n" % serialize_headers(trailers))
+                self.out(b"0\r\n%s\r\n" % serialize_headers(trailers))
             else:
-                self.transport.write(_LAST_CHUNK)
+                self.out(_LAST_CHUNK)
         req.exchange = None
         if req.complete:
             self._finish(req)
@@ -505,14 +528,14 @@ class ClientConnection(Protocol):
                        req.method != b"HEAD" else None, bodyless=req.method == b"HEAD")
         if body and req.method != b"HEAD":
             req.sent += len(body)
-            self.transport.write(body)
+            self.out(body)
         self._finish(req)
 
     def _send_bare(self, status: int) -> int:
         """An error outside any exchange (the parser is lost): answer and close."""
         body = error_body(status)
         server = b"Server: %s\r\n" % self.ctx.server_header if self.ctx.server_header else b""
-        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
+        self.out(b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n%s\r\n%s"
                              % (status, reason(status), len(body), self.ctx.http_date(),
                                 server, body))
@@ -541,6 +564,7 @@ class ClientConnection(Protocol):
             # and drain for a moment, or its kernel would answer our data with RST.
             self.lingering = True
             self.paused = 0
+            self.uncork()
             self.transport.resumeProducing()
             try:
                 self.transport.unregisterProducer()
