@@ -68,7 +68,8 @@ def test_request_and_response_transcript():
     backend, bt = h.backend()
     assert take(bt) == (b"GET /base/x/y?q=%2F HTTP/1.1\r\nHost: 10.9.9.9:8081\r\n"
                         b"User-Agent: t\r\nX-Keep: 2\r\nX-Forwarded-For: 127.0.0.1\r\n"
-                        b"X-Forwarded-Host: proxy.test\r\nX-Forwarded-Server: proxy.test\r\n\r\n")
+                        b"X-Forwarded-Host: proxy.test\r\nX-Forwarded-Server: proxy.test\r\n"
+                        b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: 8080\r\n\r\n")
     backend.dataReceived(b"HTTP/1.1 201 Made\r\nServer: iis\r\nKeep-Alive: timeout=5\r\n"
                          b"Content-Length: 5\r\n\r\nhello")
     out = take(ct)

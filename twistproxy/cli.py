@@ -47,6 +47,9 @@ def cmd_run(args) -> int:
         return 2
     try:
         service = build_service(config)
+    except ConfigError as e:            # a certificate, key or CA file
+        print(e, file=sys.stderr)
+        return 2
     except StartupError as e:
         print(e, file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -84,6 +85,8 @@ class WorkerParams:
     retry: float = 60.0
     ping: float = 0.0
     upgrade: str = ""
+    verify: bool = True      # https/wss backends: check the certificate and host name
+    ca_file: str = ""        # trust these CAs (PEM) instead of the system's
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,27 @@ class VhostConfig:
 
 
 @dataclass(frozen=True)
+class CertConfig:
+    cert: str            # paths as resolved (relative to the config file's folder)
+    key: str
+    chain: str = ""
+    server_names: tuple[str, ...] = ()     # SNI patterns ("*.example.org"); () = default
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificates: tuple[CertConfig, ...]   # the first is the default
+    min_version: str = "1.2"
+    ciphers: str = ""
+
+
+@dataclass(frozen=True)
 class ListenConfig:
     address: str         # as written: one IP, "0.0.0.0", "::" or "*"
     port: int
+    tls: TLSConfig | None = None
+    redirect_to_https: bool = False
 
     @property
     def key(self) -> str:
@@ -384,11 +405,8 @@ class _Loader:
         )
 
     def listener(self, w: str, raw: Any) -> ListenConfig:
-        if isinstance(raw, dict) and "tls" in raw:
-            raise self.fail(f"{w}.tls", raw["tls"],
-                            "is not supported yet: TLS termination is not implemented "
-                            "in this version")
-        raw = self.table(w, raw, ("address", "port"), required=("address", "port"))
+        raw = self.table(w, raw, ("address", "port", "tls", "certificate",
+                                  "redirect_to_https"), required=("address", "port"))
         address = self.string(f"{w}.address", raw["address"]).strip()
         if address != "*":
             try:
@@ -398,7 +416,51 @@ class _Loader:
                                 "is not an IP address (use one IPv4 or IPv6 address, "
                                 "'0.0.0.0', '::' or '*'; host names are not resolved)") from None
         port = self.integer(f"{w}.port", raw["port"], 1, 65535)
-        return ListenConfig(address, port)
+        tls = None
+        if "tls" in raw:
+            tls = self.tls(w, raw["tls"], raw.get("certificate", []))
+        elif "certificate" in raw:
+            raise ConfigError(f"{self.path}: {w}.certificate: needs a 'tls' table on the "
+                              "same listener (the default certificate)")
+        redirect = self.boolean(f"{w}.redirect_to_https", raw.get("redirect_to_https", False))
+        if redirect and tls is not None:
+            raise self.fail(f"{w}.redirect_to_https", True, "is for a plain listener; this "
+                            "one has tls")
+        return ListenConfig(address, port, tls, redirect)
+
+    def file(self, w: str, value: Any) -> str:
+        """A path; relative ones are relative to the configuration file's folder."""
+        self.string(w, value)
+        if not value:
+            raise self.fail(w, value, "must name a file")
+        base = os.path.dirname(os.path.abspath(self.path)) if not self.path.startswith("<") \
+            else os.getcwd()
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+    def tls(self, w: str, raw: Any, certificates: Any) -> TLSConfig:
+        tw = f"{w}.tls"
+        raw = self.table(tw, raw, ("cert", "key", "chain", "min_version", "ciphers"),
+                         required=("cert", "key"))
+        certs = [CertConfig(self.file(f"{tw}.cert", raw["cert"]),
+                            self.file(f"{tw}.key", raw["key"]),
+                            self.file(f"{tw}.chain", raw["chain"]) if "chain" in raw else "",
+                            (), tw)]
+        for i, c in enumerate(self.array_of_tables(f"{w}.certificate", certificates)):
+            cw = f"{w}.certificate[{i}]"
+            self.table(cw, c, ("server_name", "cert", "key", "chain"),
+                       required=("server_name", "cert", "key"))
+            names = tuple(self.hostname(f"{cw}.server_name[{j}]", n, wildcard=True)
+                          for j, n in enumerate(self.strings(f"{cw}.server_name",
+                                                             c["server_name"])))
+            certs.append(CertConfig(self.file(f"{cw}.cert", c["cert"]),
+                                    self.file(f"{cw}.key", c["key"]),
+                                    self.file(f"{cw}.chain", c["chain"]) if "chain" in c
+                                    else "", names, cw))
+        ciphers = self.string(f"{tw}.ciphers", raw.get("ciphers", ""))
+        return TLSConfig(tuple(certs),
+                         self.choice(f"{tw}.min_version", raw.get("min_version", "1.2"),
+                                     ("1.2", "1.3")),
+                         ciphers)
 
     def check_listeners(self, listeners: tuple[ListenConfig, ...]) -> None:
         seen: dict[str, int] = {}
@@ -580,6 +642,8 @@ class _Loader:
             retry=self.duration(f"{w}.retry", g("retry", d.retry)),
             ping=self.duration(f"{w}.ping", g("ping", d.ping)),
             upgrade=upgrade,
+            verify=self.boolean(f"{w}.verify", g("verify", True)),
+            ca_file=self.file(f"{w}.ca_file", g("ca_file")) if "ca_file" in raw else "",
         )
 
     def backend_url(self, w: str, value: Any, balancers, groups: int = 0,

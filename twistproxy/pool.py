@@ -53,6 +53,7 @@ class _PooledConnection(BackendConnection):
 
     def connectionMade(self):
         super().connectionMade()
+        self.sni = getattr(self._waiting, "sni", None)
         pool = self.pool
         pool.opening -= 1
         pool.open += 1
@@ -118,8 +119,11 @@ class Pool:
 
     # -- handing out ------------------------------------------------------------------------
 
-    def acquire(self, exchange) -> None:
-        conn = self._take_idle()
+    def acquire(self, exchange, sni: str | None = None) -> None:
+        """`sni`: the TLS server name when it is not the backend's own host
+        (preserve_host); connections are only reused for the same name."""
+        exchange.sni = sni
+        conn = self._take_idle(sni)
         if conn is not None:
             self.reused += 1
             exchange.backend_connected(conn, True)
@@ -146,10 +150,19 @@ class Pool:
                     entry[1].cancel()
                 return
 
-    def _take_idle(self) -> BackendConnection | None:
+    def _take_idle(self, sni: str | None = None) -> BackendConnection | None:
         idle = self.idle
         ttl = self.ttl
         now = self.reactor.seconds() if ttl is not None else 0.0
+        if idle and idle[-1].sni != sni:
+            # another TLS server name: look further back, leave the others idle
+            for conn in reversed(idle):
+                if conn.sni == sni:
+                    idle.remove(conn)
+                    idle.append(conn)
+                    break
+            else:
+                return None
         while idle:
             conn = idle.pop()
             if not (conn.connected_ok and conn.reusable):
@@ -165,7 +178,8 @@ class Pool:
         self.opening += 1
         factory = _Connect(self, exchange)
         if self.tls:
-            self.reactor.connectSSL(self.host, self.port, factory, self.tls_options(),
+            sni = getattr(exchange, "sni", None) or self.host
+            self.reactor.connectSSL(self.host, self.port, factory, self.tls_options(sni),
                                     timeout=self.connect_timeout)
         else:
             self.reactor.connectTCP(self.host, self.port, factory, timeout=self.connect_timeout)
@@ -182,10 +196,11 @@ class Pool:
     def _serve_waiters(self) -> None:
         """A connection slot or an idle connection became free: the first waiter gets it."""
         while self.waiters:
-            conn = self._take_idle()
+            exchange, timer = self.waiters[0]
+            conn = self._take_idle(getattr(exchange, "sni", None))
             if conn is None and self.open + self.opening >= (self.max or 0):
                 return
-            exchange, timer = self.waiters.popleft()
+            self.waiters.popleft()
             if timer is not None and timer.active():
                 timer.cancel()
             if conn is not None:

@@ -16,16 +16,12 @@ from .balancer.health import HealthCheck
 from .config import BackendURL, Config, RouteConfig, VhostConfig
 from .handlers.reverse import ReverseExchange
 from .pool import Pool
+from .tls import client_options_for
 from .workers import Workers, longest
 from .routing import Router, normalize_path
 from .wire.messages import HttpDate
 
 log = Logger(namespace="twistproxy")
-
-
-def _tls_options_for(url: BackendURL):
-    from twisted.internet.ssl import optionsForClientTLS
-    return lambda host=url.host: optionsForClientTLS(host)
 
 
 class RouteRuntime:
@@ -119,7 +115,7 @@ class ProxyContext:
         s = config.server
         self.head_limit = s.limit_request_line + s.limit_request_fields * \
             (s.limit_request_fieldsize + 2) + 4
-        self.workers = Workers(reactor, config.server, _tls_options_for)
+        self.workers = Workers(reactor, config.server, client_options_for, config.path)
         self.balancers = {name: Balancer(b) for name, b in config.balancers.items()}
         self.member_pools = {}
         self.health_checks: list[HealthCheck] = []
@@ -164,6 +160,9 @@ class ProxyContext:
         method = req.method
         if b"#" in target:
             return self.reject(conn, req, 400, "fragment in request target")
+        listen = conn.listen
+        if listen is not None and listen.redirect_to_https and target[:1] == b"/":
+            return self._redirect_to_https(conn, req, listen)
         if target[:1] == b"/":
             raw_path, q, query = target.partition(b"?")
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
@@ -242,6 +241,21 @@ class ProxyContext:
         ReverseExchange(self, conn, req, rt, lb.member_target(member),
                         rt.member_pools[id(member)], lb.backend_name(member),
                         member=member, choice=choice, lb=lb).start()
+
+    def _redirect_to_https(self, conn, req, listen) -> None:
+        """301 to the same path and query over https: on the TLS listener of the same
+        address if there is one, else the first TLS listener, else port 443."""
+        tls_ports = [l.port for l in self.config.listeners
+                     if l.tls is not None and l.address == listen.address] or \
+            [l.port for l in self.config.listeners if l.tls is not None] or [443]
+        port = tls_ports[0]
+        host = (req.host or self.router.vhost_for(conn.listen_key, None)
+                .server_name.encode("idna"))
+        host = host.rsplit(b":", 1)[0] if host.count(b":") == 1 or \
+            host.startswith(b"[") and b"]:" in host else host
+        location = b"https://%s%s%s" % (host, b"" if port == 443 else b":%d" % port,
+                                        req.target)
+        conn.respond_error(req, 301, headers=[(b"Location", location)])
 
     def _answer_max_forwards(self, conn, req) -> None:
         if req.method == b"TRACE":

@@ -14,9 +14,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from .accesslog import AccessLog
-from .config import Config
+from .config import Config, ConfigError
 from .listeners import BindError, BoundSocket, bind_all
 from .proxy import ProxyContext
+from .tls import ServerTLS, listener_factory
 from .wire.client import ClientFactory
 
 log = Logger(namespace="twistproxy")
@@ -30,13 +31,14 @@ class StartupError(Exception):
 
 class ProxyService(MultiService):
     def __init__(self, config: Config, bound: list[BoundSocket], access_log: AccessLog | None,
-                 reactor=None):
+                 reactor=None, tls: dict | None = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
         self.bound = bound
+        self.tls = tls or {}             # listener key -> its ServerTLS contexts
         self.access_log = access_log
         self.ctx = ProxyContext(config, reactor, access_log)
         self.ports = []
@@ -54,7 +56,11 @@ class ProxyService(MultiService):
         gc.freeze()
         gc.set_threshold(20000, 20, 20)
         for b in self.bound:
-            factory = ClientFactory(self.ctx, b.listen.key)
+            tls = self.tls.get(b.listen.key)
+            factory = ClientFactory(self.ctx, b.listen.key, b"https" if tls else b"http",
+                                    b.listen)
+            if tls is not None:
+                factory = listener_factory(tls, factory)
             self.ports.append(self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory))
             b.sock.close()       # the reactor holds its own duplicate
             log.info("listening on {key}", key=b.listen.key if b.listen.port else
@@ -103,7 +109,12 @@ class ProxyService(MultiService):
 
 
 def build_service(config: Config, reactor=None) -> ProxyService:
-    """Bind every listener and open the access log, or raise StartupError."""
+    """Check certificates, bind every listener and open the access log, or raise
+    ConfigError / StartupError: nothing is bound when a certificate is wrong."""
+    tls = {}
+    for listen in config.listeners:
+        if listen.tls is not None:
+            tls[listen.key] = ServerTLS(listen.tls, config.path)    # or ConfigError
     try:
         bound = bind_all(config.listeners)
     except BindError as e:
@@ -118,4 +129,9 @@ def build_service(config: Config, reactor=None) -> ProxyService:
                 b.sock.close()
             raise StartupError(f"{config.path}: server.access_log: {target!r} cannot be "
                                f"opened: {e.strerror or e}") from None
-    return ProxyService(config, bound, access_log, reactor)
+    try:
+        return ProxyService(config, bound, access_log, reactor, tls)
+    except ConfigError:
+        for b in bound:
+            b.sock.close()
+        raise

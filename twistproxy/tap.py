@@ -30,6 +30,9 @@ def makeService(options):
         raise SystemExit(2)
     try:
         return build_service(config)
+    except ConfigError as e:            # a certificate, key or CA file
+        print(e, file=sys.stderr)
+        raise SystemExit(2)
     except StartupError as e:
         print(e, file=sys.stderr)
         raise SystemExit(1)

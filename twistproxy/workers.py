@@ -25,7 +25,9 @@ def worker_name(url: BackendURL) -> str:
 
 
 class Workers:
-    def __init__(self, reactor, server: ServerConfig, tls_options_for=None):
+    def __init__(self, reactor, server: ServerConfig, tls_options_for=None,
+                 config_path: str = ""):
+        self.config_path = config_path
         self.reactor = reactor
         self.server = server
         self.tls_options_for = tls_options_for
@@ -45,7 +47,8 @@ class Workers:
         pool = Pool(self.reactor, url.host, url.port, tls=url.tls,
                     connect_timeout=params.connectiontimeout or timeout,
                     reuse=not params.disablereuse,
-                    tls_options=self.tls_options_for(url) if url.tls else None,
+                    tls_options=self.tls_options_for(params, self.config_path)
+                    if url.tls else None,
                     max=params.max, smax=params.smax, ttl=params.ttl,
                     acquire=params.acquire, keepalive=params.keepalive, name=name,
                     timeout=timeout, ping=params.ping, params=params)

@@ -777,7 +777,8 @@ def test_repeated_headers_order_and_name_case_kept(env):
     ]
     _, r = raw(env.port, ["GET /order HTTP/1.1", "Host: proxy.test",
                           *(f"{n}: {v}" for n, v in sent), "Connection: close"])
-    added = {"host", "x-forwarded-for", "x-forwarded-host", "x-forwarded-server"}
+    added = {"host", "x-forwarded-for", "x-forwarded-host", "x-forwarded-server",
+             "x-forwarded-proto", "x-forwarded-port"}
     got = [(n, v) for n, v in r.echo["headers"] if n.lower() not in added]
     assert got == sent
 

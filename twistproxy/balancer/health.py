@@ -112,7 +112,7 @@ class HealthCheck:
         pool = self.pool
         if pool.tls:
             self._connector = self.reactor.connectSSL(pool.host, pool.port, factory,
-                                                      pool.tls_options(),
+                                                      pool.tls_options(pool.host),
                                                       timeout=pool.connect_timeout)
         else:
             self._connector = self.reactor.connectTCP(pool.host, pool.port, factory,

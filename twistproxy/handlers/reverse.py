@@ -23,7 +23,23 @@ _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 REPLAY_LIMIT = 65536
 
 _EXPECT_100 = b"Expect: 100-continue\r\n"
+_FORWARDED_PROTO_PORT = frozenset((b"x-forwarded-proto", b"x-forwarded-port"))
 _CONNECTION_AUTH = (b"ntlm", b"negotiate")
+
+
+def _loss_detail(reason) -> str:
+    """Why a backend connection ended, when it says more than "closed" (TLS errors)."""
+    if reason is None:
+        return ""
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+    if reason.check(ConnectionDone, ConnectionLost):
+        return ""
+    value = reason.value
+    text = str(value) or value.__class__.__name__
+    if value.__class__.__name__ == "Error" and value.args and isinstance(value.args[0], list):
+        text = ", ".join(str(x[-1]) for x in value.args[0]) or text     # OpenSSL's list
+    return f"TLS: {text}" if "SSL" in value.__class__.__module__ or "verif" in text.lower() \
+        or "service_identity" in value.__class__.__module__ else text
 
 
 class ReverseExchange:
@@ -31,7 +47,7 @@ class ReverseExchange:
                  "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
                  "response_started", "done", "last_activity", "timeout", "retried",
                  "received", "choice", "expect_continue", "replay", "holding", "pin",
-                 "reused", "lb", "member_failed")
+                 "reused", "lb", "member_failed", "sni")
 
     def __init__(self, ctx, conn, req, rt, target: bytes, pool, backend_name: str,
                  member=None, choice=None, lb=None):
@@ -62,6 +78,7 @@ class ReverseExchange:
         self.reused = False
         self.lb = lb                      # proxy.Balanced, for a balancer route
         self.member_failed = False        # failonstatus / failontimeout matched
+        self.sni = None
 
     # -- start ---------------------------------------------------------------------------
 
@@ -78,7 +95,7 @@ class ReverseExchange:
                 self.backend_connected(pinned, True)     # NTLM/Negotiate: same connection
                 return
             del conn.pinned[self.pool]
-        self.pool.acquire(self)
+        self.pool.acquire(self, self._sni())
 
     def _build_head(self) -> bytes:
         req, rt = self.req, self.rt
@@ -93,6 +110,11 @@ class ReverseExchange:
             add_headers=vh.add_headers, server_name=rt.server_name, via=vh.proxy_via,
             via_name=rt.via_name, client_version=req.version,
             proxy_chain_auth=vh.proxy_chain_auth)
+        if vh.add_headers:
+            # how the client reached us; replaced, never appended, so it cannot be forged
+            hdrs = [h for h in hdrs if h[0].lower() not in _FORWARDED_PROTO_PORT]
+            hdrs.append((b"X-Forwarded-Proto", self.conn.scheme))
+            hdrs.append((b"X-Forwarded-Port", b"%d" % self.conn.local_port))
         framing = b""
         if req.has_body:
             codings = H.transfer_codings(req.headers)
@@ -218,7 +240,7 @@ class ReverseExchange:
         self.backend_name = self.req.backend = lb.backend_name(nxt)
         self.head = self._build_head()
         self.retried = False
-        self.pool.acquire(self)
+        self.pool.acquire(self, self._sni())
         return True
 
     # -- request body: client -> backend ----------------------------------------------------------
@@ -356,7 +378,8 @@ class ReverseExchange:
             return
         why = "connection closed before a complete response" if bconn.got_bytes else \
             "connection closed without a response"
-        self._fail(502, why)
+        detail = _loss_detail(reason)
+        self._fail(502, f"{why} ({detail})" if detail else why)
 
     def _retry(self, why: str) -> bool:
         """Once, on a new connection, when the failed one was a kept-alive one and the
@@ -431,6 +454,15 @@ class ReverseExchange:
             return
         self.member = None
         self.rt.balancer_done(member, self.body_sent, self.received, ok)
+
+    def _sni(self) -> str | None:
+        """With preserve_host, a TLS backend is asked for the client's host name (SNI),
+        as Apache does; otherwise the backend URL's own host."""
+        if self.pool.tls and self.rt.vhost.preserve_host and self.req.host:
+            host = self.req.host.decode("latin-1")
+            host = host[1:].split("]")[0] if host.startswith("[") else host.split(":")[0]
+            return host.lower() or None
+        return None
 
     def _public_base(self) -> bytes:
         host = self.req.host or self.rt.vhost.server_name.encode("latin-1")

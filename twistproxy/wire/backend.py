@@ -48,6 +48,7 @@ class _RequestFlow:
 class BackendConnection(Protocol):
     def __init__(self, pool):
         self.pool = pool
+        self.sni = None             # the TLS server name it was opened with, if not the host
         self.deadline = None
         self.exchange = None
         self.uses = 0

@@ -124,6 +124,7 @@ class ClientConnection(Protocol):
         self.ctx = ctx
         self.listen_key = listen_key
         self.scheme = scheme
+        self.listen = None
         self.queue: deque[Request] = deque()
         self.cur: Request | None = None
         self.paused = 0
@@ -583,12 +584,14 @@ class ClientFactory(Factory):
 
     noisy = False
 
-    def __init__(self, ctx, listen_key: str, scheme: bytes = b"http"):
+    def __init__(self, ctx, listen_key: str, scheme: bytes = b"http", listen=None):
         self.ctx = ctx
         self.listen_key = listen_key
         self.scheme = scheme
+        self.listen = listen            # its ListenConfig (None in some unit tests)
 
     def buildProtocol(self, addr):
         p = ClientConnection(self.ctx, self.listen_key, self.scheme)
         p.factory = self
+        p.listen = self.listen
         return p
