@@ -29,8 +29,10 @@ def _run_service(service, reactor) -> None:
 
 
 def cmd_check(args) -> int:
+    from .tls import check_files
     try:
         config = load(args.file)
+        check_files(config)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from .accesslog import AccessLog
 from .config import Config, ConfigError
 from .listeners import BindError, BoundSocket, bind_all
 from .proxy import ProxyContext
-from .tls import ServerTLS, listener_factory
+from .tls import check_files, listener_factory
 from .wire.client import ClientFactory
 
 log = Logger(namespace="twistproxy")
@@ -111,10 +111,7 @@ class ProxyService(MultiService):
 def build_service(config: Config, reactor=None) -> ProxyService:
     """Check certificates, bind every listener and open the access log, or raise
     ConfigError / StartupError: nothing is bound when a certificate is wrong."""
-    tls = {}
-    for listen in config.listeners:
-        if listen.tls is not None:
-            tls[listen.key] = ServerTLS(listen.tls, config.path)    # or ConfigError
+    tls = check_files(config)                 # or ConfigError, before any bind
     try:
         bound = bind_all(config.listeners)
     except BindError as e:

@@ -194,3 +194,16 @@ def client_options_for(params: WorkerParams, config_path: str = ""):
         return opts
 
     return options
+
+
+def check_files(config) -> dict:
+    """Every certificate, key, chain and CA file the configuration names, checked
+    (ConfigError otherwise); returns the listeners' ServerTLS by listener key."""
+    servers = {l.key: ServerTLS(l.tls, config.path) for l in config.listeners
+               if l.tls is not None}
+    params = [r.worker for v in config.vhosts for r in v.routes if r.url is not None]
+    params += [m.worker for b in config.balancers.values() for m in b.members]
+    for p in params:
+        if p.ca_file:
+            client_options_for(p, config.path)
+    return servers
