@@ -192,6 +192,7 @@ class ServerConfig:
     timeout: float = 60.0
     keepalive_timeout: float = 5.0
     header_timeout: float = 20.0
+    tunnel_timeout: float = 3600.0
     limit_request_line: int = 8190
     limit_request_fieldsize: int = 8190
     limit_request_fields: int = 100
@@ -393,6 +394,8 @@ class _Loader:
                                             raw.get("keepalive_timeout", d.keepalive_timeout)),
             header_timeout=self.duration(f"{w}.header_timeout",
                                          raw.get("header_timeout", d.header_timeout), lo=0.001),
+            tunnel_timeout=self.duration(f"{w}.tunnel_timeout",
+                                         raw.get("tunnel_timeout", d.tunnel_timeout), lo=0.001),
             limit_request_line=self.integer(f"{w}.limit_request_line",
                                             raw.get("limit_request_line", d.limit_request_line),
                                             64, 1 << 20),

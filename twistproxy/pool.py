@@ -74,7 +74,8 @@ class Pool:
                  connect_timeout: float = 60.0, reuse: bool = True, tls_options=None,
                  max: int | None = None, smax: int | None = None, ttl: float | None = None,
                  acquire: float | None = None, keepalive: bool = False, name: str = "",
-                 timeout: float = 60.0, ping: float = 0.0, params=None):
+                 timeout: float = 60.0, ping: float = 0.0, params=None,
+                 upgrades: frozenset = frozenset()):
         self.reactor = reactor
         self.name = name or f"{host}:{port}"
         self.host = host
@@ -91,6 +92,7 @@ class Pool:
         self.timeout = timeout            # backend silence before 504 (worker `timeout`)
         self.ping = ping
         self.params = params              # the WorkerParams it was defined with
+        self.upgrades = upgrades          # protocols a client may Upgrade to here
         default = 443 if tls else 80
         shown = f"[{host}]" if ":" in host else host
         self.hostport = (shown if port == default else f"{shown}:{port}").encode("idna")

@@ -51,7 +51,8 @@ class Workers:
                     if url.tls else None,
                     max=params.max, smax=params.smax, ttl=params.ttl,
                     acquire=params.acquire, keepalive=params.keepalive, name=name,
-                    timeout=timeout, ping=params.ping, params=params)
+                    timeout=timeout, ping=params.ping, params=params,
+                    upgrades=upgrades_for(url.scheme, params.upgrade))
         same_origin.append((name, pool))
         # longest names first, so the request-time search stops at the first prefix
         same_origin.sort(key=lambda item: len(item[0]), reverse=True)
@@ -64,6 +65,18 @@ class Workers:
         for entries in self.by_origin.values():
             for _, pool in entries:
                 yield pool
+
+
+def upgrades_for(scheme: str, upgrade: str) -> frozenset:
+    """Protocols a client may Upgrade to on this worker (lower-case; "*" for any):
+    WebSocket on ws:// and wss:// URLs, plus what `upgrade` lists (Apache's upgrade=)."""
+    tokens = {t.lower() for t in upgrade.replace(",", " ").split()}
+    if tokens & {"any", "*"}:
+        return frozenset({"*"})
+    if scheme in ("ws", "wss"):
+        tokens.add("websocket")
+    tokens.discard("none")
+    return frozenset(tokens)
 
 
 def longest(candidates: list[tuple[str, Pool]], full_url: str) -> Pool:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from zope.interface import alsoProvides
+
 from .. import headers as H
+from .tunnel import Tunnel
 from ..wire.messages import serialize_headers
 
 log = Logger(namespace="twistproxy.reverse")
@@ -25,6 +29,18 @@ REPLAY_LIMIT = 65536
 _EXPECT_100 = b"Expect: 100-continue\r\n"
 _FORWARDED_PROTO_PORT = frozenset((b"x-forwarded-proto", b"x-forwarded-port"))
 _CONNECTION_AUTH = (b"ntlm", b"negotiate")
+
+
+def _allowed_upgrade(headers, allowed: frozenset) -> bytes:
+    """The client's Upgrade protocol when this worker allows it (Apache's upgrade=)."""
+    if not allowed:
+        return b""
+    for n, v in headers:
+        if n.lower() == b"upgrade":
+            token = v.split(b",")[0].strip()
+            if "*" in allowed or token.lower().decode("latin-1") in allowed:
+                return token
+    return b""
 
 
 def _loss_detail(reason) -> str:
@@ -47,7 +63,7 @@ class ReverseExchange:
                  "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
                  "response_started", "done", "last_activity", "timeout", "retried",
                  "received", "choice", "expect_continue", "replay", "holding", "pin",
-                 "reused", "lb", "member_failed", "sni")
+                 "reused", "lb", "member_failed", "sni", "upgrade")
 
     def __init__(self, ctx, conn, req, rt, target: bytes, pool, backend_name: str,
                  member=None, choice=None, lb=None):
@@ -79,12 +95,15 @@ class ReverseExchange:
         self.lb = lb                      # proxy.Balanced, for a balancer route
         self.member_failed = False        # failonstatus / failontimeout matched
         self.sni = None
+        self.upgrade = b""                # the protocol asked for, when this worker allows it
 
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
         req, conn = self.req, self.conn
         req.backend = self.backend_name
+        if req.upgrade and req.method != b"CONNECT":
+            self.upgrade = _allowed_upgrade(req.headers, self.pool.upgrades)
         self.head = self._build_head()
         self.early = conn.attach(req, self)
         if req.has_body and not req.complete:
@@ -109,7 +128,9 @@ class ReverseExchange:
             backend_hostport=self.pool.hostport, preserve_host=vh.preserve_host,
             add_headers=vh.add_headers, server_name=rt.server_name, via=vh.proxy_via,
             via_name=rt.via_name, client_version=req.version,
-            proxy_chain_auth=vh.proxy_chain_auth)
+            proxy_chain_auth=vh.proxy_chain_auth, keep_upgrade=bool(self.upgrade))
+        if self.upgrade:
+            hdrs.append((b"Connection", b"Upgrade"))
         if vh.add_headers:
             # how the client reached us; replaced, never appended, so it cannot be forged
             hdrs = [h for h in hdrs if h[0].lower() not in _FORWARDED_PROTO_PORT]
@@ -180,7 +201,7 @@ class ReverseExchange:
         ping = self.pool.ping if reused and req.has_body and not self.body_sent else 0.0
         expect = self.expect_continue or ping
         bconn.begin(self, self.head + (_EXPECT_100 + b"\r\n" if expect else b"\r\n"),
-                    req.method == b"HEAD")
+                    req.method == b"HEAD", upgrade=bool(self.upgrade))
         if ping:
             self.holding = True
             self.last_activity = self.ctx.reactor.seconds()
@@ -280,6 +301,46 @@ class ReverseExchange:
                 self.bconn.write(b"0\r\n%s\r\n" % serialize_headers(trailers))
             else:
                 self.bconn.write(b"0\r\n\r\n")
+
+    # -- protocol upgrade (WebSocket) ----------------------------------------------------------
+
+    def take_upgrade(self) -> bool:
+        """The client's Upgrade request ended its HTTP stream: are we asking for it?"""
+        return bool(self.upgrade) and not self.done
+
+    def backend_upgraded(self, bconn, rsn: bytes, headers, rest: bytes) -> None:
+        """101 Switching Protocols: relay it, then both connections are one tunnel."""
+        if self.done:
+            bconn.close()
+            return
+        offered = b""
+        for n, v in headers:
+            if n.lower() == b"upgrade":
+                offered = v.split(b",")[0].strip().lower()
+        if offered != self.upgrade.lower():
+            bconn.close()
+            self.bconn = None
+            self._fail(502, f"101 for {offered.decode('latin-1')!r}, not the "
+                            f"{self.upgrade.decode('latin-1')!r} asked for")
+            return
+        self.done = True
+        self.response_started = True
+        bconn.deadline.clear()
+        self.bconn = None
+        self._member_done(ok=True)
+        rt, conn = self.rt, self.conn
+        out = H.response_to_client(headers, via=rt.vhost.proxy_via, via_name=rt.via_name,
+                                   backend_version=b"1.1", keep_upgrade=True)
+        out.append((b"Connection", b"Upgrade"))
+        head = b"HTTP/1.1 101 %s\r\n%s\r\n" % (rsn or b"Switching Protocols",
+                                                serialize_headers(out))
+        tunnel = Tunnel(self.ctx.reactor, conn, bconn, self.ctx.server.tunnel_timeout,
+                        where=rt.where)
+        bconn.tunnel = tunnel
+        bconn.exchange = tunnel          # its flow-control producer now drives the tunnel
+        alsoProvides(bconn, IHalfCloseableProtocol)
+        early = conn.switch_protocols(self.req, head, tunnel)
+        tunnel.start(from_client=early, from_backend=rest)
 
     def backend_full(self) -> None:
         self.conn.pause_reading()

@@ -48,6 +48,9 @@ class _RequestFlow:
 class BackendConnection(Protocol):
     def __init__(self, pool):
         self.pool = pool
+        self.tunnel = None          # once a 101 made this connection a byte tunnel
+        self.upgrade_requested = False
+        self._switching = False
         self.sni = None             # the TLS server name it was opened with, if not the host
         self.deadline = None
         self.exchange = None
@@ -83,6 +86,11 @@ class BackendConnection(Protocol):
         self.connected_ok = False
         if self.deadline is not None:
             self.deadline.cancel()
+        if self.tunnel is not None:
+            self.exchange = None
+            self.tunnel.backend_gone()
+            self.pool.lost(self)
+            return
         self.reusable = False
         ex = self.exchange
         self.exchange = None
@@ -96,9 +104,11 @@ class BackendConnection(Protocol):
 
     # -- requests ----------------------------------------------------------------
 
-    def begin(self, exchange, head: bytes, is_head: bool) -> None:
+    def begin(self, exchange, head: bytes, is_head: bool, upgrade: bool = False) -> None:
         """Send a request head; the exchange then streams the body with write()."""
         self.exchange = exchange
+        self.upgrade_requested = upgrade
+        self._switching = False
         self.uses += 1
         self.got_bytes = False
         self._done = False
@@ -132,7 +142,18 @@ class BackendConnection(Protocol):
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
+    def readConnectionLost(self):
+        """Half-close (only in tunnel mode, where this protocol provides it)."""
+        if self.tunnel is not None:
+            self.tunnel.backend_half_closed()
+
+    def writeConnectionLost(self):
+        pass
+
     def dataReceived(self, data: bytes):
+        if self.tunnel is not None:
+            self.tunnel.from_backend(data)
+            return
         ex = self.exchange
         if ex is None or self._done:
             # nothing was asked: a backend talking out of turn cannot be reused
@@ -150,7 +171,14 @@ class BackendConnection(Protocol):
     def _feed(self, ex, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as e:
+            if self._switching:
+                # 101: the rest of this read already belongs to the other protocol
+                self._done = True
+                self.reusable = False
+                self.exchange = None
+                ex.backend_upgraded(self, self._reason, self._headers, data[e.args[0]:])
+                return
             if not self._complete_pending:
                 self.reusable = False
                 self._done = True
@@ -200,6 +228,9 @@ class BackendConnection(Protocol):
             return
         p = self.parser
         status = p.get_status_code()
+        if status == 101 and self.upgrade_requested:
+            self._switching = True       # llhttp stops right after this head
+            return
         if 100 <= status < 200:
             self._interim = True
             if status == 101:
@@ -240,7 +271,7 @@ class BackendConnection(Protocol):
         self.exchange.backend_body(data)
 
     def on_message_complete(self):
-        if self._done:
+        if self._done or self._switching:
             return
         if self._interim:
             self._interim = False

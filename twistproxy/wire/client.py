@@ -13,10 +13,10 @@ import re
 from collections import deque
 
 import httptools
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from .deadline import Deadline
 from .direct import writer_for
@@ -137,6 +137,9 @@ class ClientConnection(Protocol):
         self._timer_kind = ""
         self._last: Request | None = None
         self.pinned: dict = {}            # pool -> backend connection (NTLM/Negotiate)
+        self.tunnel = None                # once upgraded: bytes go to the tunnel
+        self.upgrading = False            # an Upgrade request awaits the backend's answer
+        self._upgrade_buf: list[bytes] = []
         self._head_bytes = 0
         self._corked: list | None = None
         self._write = None
@@ -230,7 +233,15 @@ class ClientConnection(Protocol):
     # -- reading ------------------------------------------------------------------
 
     def dataReceived(self, data: bytes):
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
         if self.lingering or self.closing:
+            return
+        if self.upgrading:
+            # bytes after an Upgrade request wait for the backend's 101 (or not)
+            self._upgrade_buf.append(data)
+            self._pause(PAUSE_PIPELINE)
             return
         cur = self.cur
         if cur is not None and not cur.in_body:
@@ -382,7 +393,10 @@ class ClientConnection(Protocol):
         req = self._last
         if req is not None and req.exchange is not None and \
                 getattr(req.exchange, "take_upgrade", None) is not None and \
-                req.exchange.take_upgrade(rest):
+                req.exchange.take_upgrade():
+            self.upgrading = True
+            if rest:
+                self._upgrade_buf.append(rest)
             return
         # Not tunnelled: carry on parsing what follows as the next request.
         self.parser = httptools.HttpRequestParser(self)
@@ -410,6 +424,31 @@ class ClientConnection(Protocol):
 
     def resume_reading(self):
         self._resume(PAUSE_BACKEND_FULL)
+
+    def switch_protocols(self, req: Request, head: bytes, tunnel) -> bytes:
+        """The backend said 101: send its head, become a tunnel. Returns the bytes the
+        client sent after its request, for the tunnel to pass on first."""
+        req.status = 101
+        req.head_sent = True
+        self.out(head)
+        self.uncork()                    # the head before any tunnelled byte
+        self._disarm()
+        self.tunnel = tunnel
+        self.upgrading = False
+        req.exchange = tunnel            # so the flow-control producer drives it
+        self.ctx.log_access(self, req)
+        early, self._upgrade_buf = b"".join(self._upgrade_buf), []
+        self.paused = 0
+        alsoProvides(self, IHalfCloseableProtocol)
+        return early
+
+    def readConnectionLost(self):
+        """Half-close (only in tunnel mode, where this protocol provides it)."""
+        if self.tunnel is not None:
+            self.tunnel.client_half_closed()
+
+    def writeConnectionLost(self):
+        pass
 
     def pin(self, pool, bconn) -> None:
         """Keep this backend connection for this client connection's later requests:
@@ -551,6 +590,14 @@ class ClientConnection(Protocol):
         if not req.keep_alive or self.closing:
             self._close(lingering=not req.complete)
             return
+        if self.upgrading:
+            # the backend declined the upgrade: what the client sent since is HTTP
+            self.upgrading = False
+            self.parser = httptools.HttpRequestParser(self)
+            buffered, self._upgrade_buf = b"".join(self._upgrade_buf), []
+            self._resume(PAUSE_PIPELINE)
+            if buffered:
+                self.ctx.reactor.callLater(0, self.dataReceived, buffered)
         if self.queue:
             self._start(self.queue[0])
         if len(self.queue) <= 1:
