@@ -29,6 +29,10 @@ response_headers = [{{ action = "set", name = "X-Content-Type-Options", value = 
   url = "http://127.0.0.1:{app1}/"
   reverse = true
 
+  [[vhost.route]]              # WebSocket: upgraded and tunnelled to an echo server
+  path = "/ws"
+  url = "ws://127.0.0.1:{wsecho}/"
+
   [[vhost.route]]              # everything else: balanced, sticky by the ROUTEID cookie
   path = "/"
   url = "balancer://apps/"
@@ -54,10 +58,13 @@ def run_demo(listen: str, log_level: str, start_logging, run_service) -> int:
     from .service import StartupError, build_service
     address, _, port = listen.rpartition(":")
     address = address.strip("[]") or "127.0.0.1"
+    from . import wsecho
     backends = [reactor.listenTCP(0, EchoFactory(name), interface="127.0.0.1")
                 for name in ("app1", "app2")]
     ports = [b.getHost().port for b in backends]
-    text = DEMO_TOML.format(address=address, port=port, app1=ports[0], app2=ports[1])
+    ws = reactor.listenTCP(0, wsecho.factory(), interface="127.0.0.1").getHost().port
+    text = DEMO_TOML.format(address=address, port=port, app1=ports[0], app2=ports[1],
+                            wsecho=ws)
     try:
         config = loads(text, "<demo>")
         service = build_service(config, reactor)
@@ -67,13 +74,14 @@ def run_demo(listen: str, log_level: str, start_logging, run_service) -> int:
     shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     base = f"http://{shown}"
     print(f"""twistproxy demo: proxy on {base}, backends app1 on 127.0.0.1:{ports[0]} and \
-app2 on 127.0.0.1:{ports[1]}.
+app2 on 127.0.0.1:{ports[1]}, a WebSocket echo on 127.0.0.1:{ws}.
 Try:
   curl -s {base}/hello                        # balanced: app1 and app2 take turns
   curl -s {base}/hello                        # ... see "server" in the JSON
   curl -si -c /tmp/jar -b /tmp/jar {base}/    # sticky: the ROUTEID cookie pins one app
   curl -s {base}/app1/some/path?q=1           # path route straight to app1 (/some/path)
   curl -s -X POST --data-binary @/etc/hostname {base}/upload
+  python -m websockets {base.replace("http", "ws")}/ws       # type a line, it echoes back
 Every request is logged below (Combined Log Format + microseconds + backend).
 Configuration in use:
 {text}

@@ -304,6 +304,15 @@ def test_demo_works_end_to_end():
         r, body = get("127.0.0.1", port, "/app1/some/path?q=1")
         data = json.loads(body)
         assert data["server"] == "app1" and data["target"] == "/some/path?q=1"
+        import asyncio
+
+        import websockets
+
+        async def echo():
+            async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+                await ws.send("demo")
+                return await ws.recv()
+        assert asyncio.run(echo()) == "demo"           # the WebSocket echo route
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
