@@ -114,6 +114,12 @@ class VhostConfig:
     add_headers: bool = True
     proxy_via: str = "off"
     proxy_chain_auth: bool = False
+    proxy_requests: bool = False           # forward proxy + CONNECT (ProxyRequests)
+    allow_connect: tuple[tuple[int, int], ...] = ((443, 443), (563, 563))
+    connect_allow: tuple[str, ...] = ()    # target host patterns; () = any
+    connect_deny: tuple[str, ...] = ()
+    proxy_allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")   # client networks
+    proxy_auth: tuple[tuple[str, str], ...] = ()                 # (("file", ..), ("realm", ..))
     request_headers: tuple[HeaderAction, ...] = ()
     response_headers: tuple[HeaderAction, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
@@ -483,7 +489,9 @@ class _Loader:
 
     def vhost(self, w: str, raw: Any, listeners, balancers) -> VhostConfig:
         raw = self.table(w, raw, ("server_name", "server_alias", "listen", "preserve_host",
-                                  "add_headers", "proxy_via", "proxy_chain_auth", "request_headers",
+                                  "add_headers", "proxy_via", "proxy_chain_auth", "proxy_requests",
+                                  "allow_connect", "connect_allow", "connect_deny", "proxy_allow",
+                                  "proxy_auth", "request_headers",
                                   "response_headers", "route"), required=("server_name",))
         name = self.hostname(f"{w}.server_name", raw["server_name"], wildcard=False)
         aliases = tuple(self.hostname(f"{w}.server_alias[{i}]", a, wildcard=True)
@@ -509,12 +517,53 @@ class _Loader:
             proxy_via=self.choice(f"{w}.proxy_via", raw.get("proxy_via", "off"), _PROXY_VIA),
             proxy_chain_auth=self.boolean(f"{w}.proxy_chain_auth",
                                           raw.get("proxy_chain_auth", False)),
+            **self.forward_proxy(w, raw),
             request_headers=self.header_actions(f"{w}.request_headers",
                                                 raw.get("request_headers", [])),
             response_headers=self.header_actions(f"{w}.response_headers",
                                                  raw.get("response_headers", [])),
             routes=routes,
         )
+
+    def forward_proxy(self, w: str, raw: dict) -> dict:
+        """The forward-proxy keys of a vhost (mod_proxy_connect, ProxyRequests)."""
+        d = VhostConfig(server_name="")
+        out: dict = {"proxy_requests": self.boolean(f"{w}.proxy_requests",
+                                                     raw.get("proxy_requests", False))}
+        if "allow_connect" in raw:
+            ports = raw["allow_connect"]
+            ports = ports if isinstance(ports, list) else [ports]
+            ranges = []
+            for i, p in enumerate(ports):
+                pw = f"{w}.allow_connect[{i}]"
+                if isinstance(p, str) and re.fullmatch(r"\d+-\d+", p.strip()):
+                    lo, hi = (int(x) for x in p.split("-"))
+                    if not 1 <= lo <= hi <= 65535:
+                        raise self.fail(pw, p, "must be a port range LOW-HIGH within 1-65535")
+                    ranges.append((lo, hi))
+                else:
+                    n = self.integer(pw, p, 1, 65535)
+                    ranges.append((n, n))
+            out["allow_connect"] = tuple(ranges)
+        for key in ("connect_allow", "connect_deny"):
+            if key in raw:
+                out[key] = tuple(p.lower() for p in self.strings(f"{w}.{key}", raw[key]))
+        if "proxy_allow" in raw:
+            nets = self.strings(f"{w}.proxy_allow", raw["proxy_allow"])
+            for i, n in enumerate(nets):
+                try:
+                    ipaddress.ip_network(n, strict=False)
+                except ValueError:
+                    raise self.fail(f"{w}.proxy_allow[{i}]", n,
+                                    "is not an address or network (CIDR)") from None
+            out["proxy_allow"] = tuple(nets)
+        if "proxy_auth" in raw:
+            aw = f"{w}.proxy_auth"
+            a = self.table(aw, raw["proxy_auth"], ("file", "realm"), required=("file",))
+            out["proxy_auth"] = (("file", self.file(f"{aw}.file", a["file"])),
+                                 ("realm", self.string(f"{aw}.realm",
+                                                       a.get("realm", "twistproxy"))))
+        return out
 
     def hostname(self, w: str, value: Any, wildcard: bool) -> str:
         self.string(w, value)

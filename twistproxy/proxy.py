@@ -13,7 +13,8 @@ from twisted.logger import Logger
 from . import headers as H
 from .balancer import Balancer
 from .balancer.health import HealthCheck
-from .config import BackendURL, Config, RouteConfig, VhostConfig
+from .config import BackendURL, Config, RouteConfig, VhostConfig, WorkerParams
+from .handlers.connect import ConnectExchange, ForwardGate
 from .handlers.reverse import ReverseExchange
 from .pool import Pool
 from .tls import client_options_for
@@ -79,6 +80,21 @@ class RouteRuntime:
     _now = None
 
 
+def _host_port(authority: bytes, default: int | None = None) -> tuple[str, int] | None:
+    """`host:port` (IPv6 in brackets) as a CONNECT target or URL authority."""
+    text = authority.decode("latin-1").strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not port and default is not None:
+        return (host, default) if host else None
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 class Balanced:
     """A request's dealings with a balancer: members tried, and how to address one."""
 
@@ -133,6 +149,13 @@ class ProxyContext:
             entries = self._reverse_entries(vhost)
             for route in vhost.routes:
                 self.routes[id(route)] = RouteRuntime(self, vhost, route, entries)
+        # the forward proxy: per listener, its first vhost with proxy_requests
+        self.forward_gates: dict[str, ForwardGate] = {}
+        for listen in config.listeners:
+            for i, v in enumerate(config.vhosts):
+                if v.proxy_requests and (not v.listen or listen.key in v.listen):
+                    self.forward_gates[listen.key] = ForwardGate(self, v, f"vhost[{i}]")
+                    break
         self._vhost_errors = {id(v): tuple(a for a in v.response_headers if a.always)
                               for v in config.vhosts}
 
@@ -167,17 +190,29 @@ class ProxyContext:
             raw_path, q, query = target.partition(b"?")
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
             # absolute-form: the authority overrides Host (RFC 9112 §3.2.2)
-            rest = target.split(b"://", 1)[1]
+            scheme, rest = target.split(b"://", 1)
             authority, slash, tail = rest.partition(b"/")
             if not authority or b"@" in authority:
                 return self.reject(conn, req, 400, "bad absolute-form target")
+            gate = self.forward_gates.get(conn.listen_key)
+            if gate is not None and not self.router.names_host(
+                    conn.listen_key, authority.decode("latin-1")):
+                return self._forward(conn, req, gate, scheme.lower(), authority,
+                                     b"/" + tail)
             req.host = authority
             req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
             req.headers.insert(0, (b"Host", authority))
             raw_path, q, query = (b"/" + tail).partition(b"?")
         elif method == b"CONNECT":
-            return self.reject(conn, req, 405, "CONNECT is not enabled (proxy_requests)",
-                               headers=[(b"Allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS")])
+            gate = self.forward_gates.get(conn.listen_key)
+            if gate is None:
+                return self.reject(conn, req, 405, "CONNECT is not enabled (proxy_requests)",
+                                   headers=[(b"Allow",
+                                             b"GET, HEAD, POST, PUT, DELETE, OPTIONS")])
+            hostport = _host_port(target)
+            if hostport is None:
+                return self.reject(conn, req, 400, "CONNECT needs host:port")
+            return ConnectExchange(self, conn, req, gate, *hostport).start()
         elif target == b"*" and method == b"OPTIONS":
             return conn.respond_error(req, 200, headers=[(b"Allow",
                                       b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")],
@@ -241,6 +276,26 @@ class ProxyContext:
         ReverseExchange(self, conn, req, rt, lb.member_target(member),
                         rt.member_pools[id(member)], lb.backend_name(member),
                         member=member, choice=choice, lb=lb).start()
+
+    def _forward(self, conn, req, gate, scheme: bytes, authority: bytes, path: bytes) -> None:
+        """An absolute-form request for another host, through a proxy_requests vhost."""
+        hostport = _host_port(authority, 443 if scheme == b"https" else 80)
+        if hostport is None:
+            return self.reject(conn, req, 400, "bad absolute-form target")
+        host, port = hostport
+        req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+        req.headers.insert(0, (b"Host", authority))
+        req.host = authority
+        rt = req.route = gate.runtime
+
+        def proceed():
+            url = BackendURL(scheme.decode(), host.lower(), port, "", "")
+            known = self.workers.by_origin.get(url.origin)
+            # a worker the configuration defined for this origin serves it; else a new one
+            pool = longest(known, url.origin + path.decode("latin-1")) if known else \
+                self.workers.define(url, WorkerParams(), rt.where)
+            ReverseExchange(self, conn, req, rt, path, pool, url.origin).start()
+        gate.admit(conn, req, host, port, False, proceed)
 
     def _redirect_to_https(self, conn, req, listen) -> None:
         """301 to the same path and query over https: on the TLS listener of the same

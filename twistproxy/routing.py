@@ -164,6 +164,10 @@ class _Listener:
         self.cache: dict[str, VhostConfig] = {}
 
     def lookup(self, host: str) -> VhostConfig:
+        return self.match(host) or self.vhosts[0]
+
+    def match(self, host: str) -> VhostConfig | None:
+        """The vhost that names this host, or None (no fallback)."""
         if host.startswith("["):
             end = host.find("]")
             name = host[:end + 1] if end > 0 else host
@@ -178,7 +182,7 @@ class _Listener:
             for suffix in suffixes:
                 if name.endswith(suffix) and len(name) > len(suffix):
                     return vhost
-        return self.vhosts[0]
+        return None
 
 
 _CACHE_MAX = 1024
@@ -205,6 +209,11 @@ class Router:
                 cache.clear()   # Host is client-chosen: never let it grow without bound
             vhost = cache[host] = listener.lookup(host)
         return vhost
+
+    def names_host(self, listener_key: str, host: str) -> bool:
+        """Whether a vhost of this listener answers to this host (no fallback): an
+        absolute-form request for any other host is a forward-proxy request."""
+        return self._listeners[listener_key].match(host) is not None
 
     def route_for(self, vhost: VhostConfig, path: str, query: str | None,
                   header: HeaderLookup) -> RouteMatch | None:

@@ -93,8 +93,8 @@ def _context(cert: CertConfig, tls: TLSConfig, config_path: str) -> SSL.Context:
     ctx.use_certificate(leaf)
     for c in extra:
         ctx.add_extra_chain_cert(c)
-    ctx.use_privatekey(key)
     try:
+        ctx.use_privatekey(key)          # OpenSSL 3 already refuses a mismatch here
         ctx.check_privatekey()
     except SSL.Error:
         raise ConfigError(f"{config_path}: {cert.where}.key: {cert.key!r} does not match "
@@ -176,14 +176,15 @@ class _Unverified:
         return conn
 
 
-def client_options_for(params: WorkerParams, config_path: str = ""):
+def client_options_for(params: WorkerParams, config_path: str = "", where: str = ""):
     """A function of the host name to check (and send as SNI) giving the TLS options."""
     if not params.verify:
         return _Unverified
     trust = None
     if params.ca_file:
-        pem = _read(params.ca_file, "ca_file", config_path)
-        cas = _certificates(pem, params.ca_file, "ca_file", config_path)
+        kw = f"{where}.ca_file" if where else "ca_file"
+        pem = _read(params.ca_file, kw, config_path)
+        cas = _certificates(pem, params.ca_file, kw, config_path)
         trust = tssl.trustRootFromCertificates([tssl.Certificate(c) for c in cas])
     cache: dict[str, object] = {}
 
@@ -201,9 +202,11 @@ def check_files(config) -> dict:
     (ConfigError otherwise); returns the listeners' ServerTLS by listener key."""
     servers = {l.key: ServerTLS(l.tls, config.path) for l in config.listeners
                if l.tls is not None}
-    params = [r.worker for v in config.vhosts for r in v.routes if r.url is not None]
-    params += [m.worker for b in config.balancers.values() for m in b.members]
-    for p in params:
+    params = [(r.worker, r.where) for v in config.vhosts for r in v.routes
+              if r.url is not None]
+    params += [(m.worker, f"balancer.{name}.member[{i}]")
+               for name, b in config.balancers.items() for i, m in enumerate(b.members)]
+    for p, where in params:
         if p.ca_file:
-            client_options_for(p, config.path)
+            client_options_for(p, config.path, where)
     return servers

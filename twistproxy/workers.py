@@ -47,7 +47,7 @@ class Workers:
         pool = Pool(self.reactor, url.host, url.port, tls=url.tls,
                     connect_timeout=params.connectiontimeout or timeout,
                     reuse=not params.disablereuse,
-                    tls_options=self.tls_options_for(params, self.config_path)
+                    tls_options=self.tls_options_for(params, self.config_path, where)
                     if url.tls else None,
                     max=params.max, smax=params.smax, ttl=params.ttl,
                     acquire=params.acquire, keepalive=params.keepalive, name=name,

@@ -36,6 +36,8 @@ LINGER_SECONDS = 2.0
 _VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]{1,5})?").fullmatch
 
 _CHUNK_END = b"\r\n"
+# after these the request cannot be trusted to have been read right: close, as Apache
+_CLOSE_AFTER = frozenset((400, 408, 413, 414, 431))
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -355,6 +357,7 @@ class ClientConnection(Protocol):
         elif req.version == b"1.1":
             raise Reject(400, "HTTP/1.1 request without Host")
         req.in_body = True           # from here on, on_header means trailers
+        req.complete = not req.has_body    # llhttp ends a bodyless request right here
         self._last = req
         self.queue.append(req)
         if len(self.queue) == 1:
@@ -373,8 +376,8 @@ class ClientConnection(Protocol):
     def on_message_complete(self):
         req = self.cur
         self.cur = None
-        if req is None:
-            return
+        if req is None or not req.has_body:
+            return                   # bodyless: complete since its head
         req.complete = True
         if req.exchange is not None:
             req.exchange.client_body_end(req.trailers)
@@ -425,10 +428,10 @@ class ClientConnection(Protocol):
     def resume_reading(self):
         self._resume(PAUSE_BACKEND_FULL)
 
-    def switch_protocols(self, req: Request, head: bytes, tunnel) -> bytes:
-        """The backend said 101: send its head, become a tunnel. Returns the bytes the
-        client sent after its request, for the tunnel to pass on first."""
-        req.status = 101
+    def switch_protocols(self, req: Request, head: bytes, tunnel, status: int = 101) -> bytes:
+        """101 from the backend (or 200 to a CONNECT): send the head, become a tunnel.
+        Returns the bytes the client sent after its request, to be passed on first."""
+        req.status = status
         req.head_sent = True
         self.out(head)
         self.uncork()                    # the head before any tunnelled byte
@@ -561,7 +564,7 @@ class ClientConnection(Protocol):
         else:
             hdrs = []
         hdrs = self.ctx.error_headers(self, req, list(headers) + hdrs)
-        if not req.complete:
+        if not req.complete or status in _CLOSE_AFTER:
             req.keep_alive = False
         req.exchange = None
         self.send_head(req, status, reason(status), hdrs, len(body) if body or
