@@ -130,6 +130,9 @@ class Tunnel:
 
 
 def _half_close(transport) -> None:
+    # nothing more will be written this way, so its flow-control producer can go; while
+    # Twisted held it paused, a drained buffer would resume it instead of sending FIN
+    transport.unregisterProducer()
     try:
         transport.loseWriteConnection()
     except (AttributeError, NotImplementedError):
