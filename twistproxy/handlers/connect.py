@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 
 from twisted.internet import error, threads
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..access import ForwardAccess
 from ..config import RouteConfig
+from ..wire.backend import RequestFlow
 from .tunnel import Tunnel
 
 log = Logger(namespace="twistproxy.forward")
@@ -84,36 +85,18 @@ class ForwardGate:
         conn.respond_error(req, 407, headers=[self.access.challenge()])
 
 
-@implementer(IPushProducer)
-class _TargetFlow:
-    """On the target's transport: its buffer filling pauses the client's reading."""
-
-    def __init__(self, proto):
-        self.proto = proto
-
-    def pauseProducing(self):
-        if self.proto.tunnel is not None:
-            self.proto.tunnel.backend_full()
-
-    def resumeProducing(self):
-        if self.proto.tunnel is not None:
-            self.proto.tunnel.backend_drained()
-
-    def stopProducing(self):
-        pass
-
-
 @implementer(IHalfCloseableProtocol)
 class _Target(Protocol):
     """The CONNECT target's end of the tunnel."""
 
-    def __init__(self, exchange):
-        self.exchange = exchange
+    def __init__(self, owner):
+        self.owner = owner              # the ConnectExchange, until the tunnel exists
         self.tunnel = None
+        self.exchange = None            # what RequestFlow drives: the tunnel, once there
 
     def connectionMade(self):
-        self.transport.registerProducer(_TargetFlow(self), True)
-        self.exchange.target_connected(self)
+        self.transport.registerProducer(RequestFlow(self), True)
+        self.owner.target_connected(self)
 
     def dataReceived(self, data):
         if self.tunnel is not None:
@@ -180,7 +163,7 @@ class ConnectExchange:
         conn = self.conn
         tunnel = Tunnel(self.ctx.reactor, conn, target, self.ctx.server.tunnel_timeout,
                         where=f"{self.gate.where} CONNECT {self.host}:{self.port}")
-        target.tunnel = tunnel
+        target.tunnel = target.exchange = tunnel
         early = conn.switch_protocols(self.req, b"HTTP/1.1 200 Connection established\r\n"
                                                 b"\r\n", tunnel, status=200)
         tunnel.start(from_client=early)

@@ -65,7 +65,7 @@ class Tunnel:
         self.client.transport.write(data)
 
     # -- flow control: each side's full transport pauses the other side ------------------
-    # (called by the client's _ResponseFlow and the backend's _RequestFlow producers)
+    # (called by the client's _ResponseFlow and the backend's RequestFlow producers)
 
     def client_paused(self) -> None:
         if not self.closed:

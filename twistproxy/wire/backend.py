@@ -23,7 +23,7 @@ _BODYLESS_STATUS = (204, 304)
 
 
 @implementer(IPushProducer)
-class _RequestFlow:
+class RequestFlow:
     """Registered on the backend transport: its buffer filling pauses the client's reading."""
 
     __slots__ = ("conn",)
@@ -79,7 +79,7 @@ class BackendConnection(Protocol):
             self.transport.setTcpNoDelay(True)
         except Exception:
             pass
-        self.transport.registerProducer(_RequestFlow(self), True)
+        self.transport.registerProducer(RequestFlow(self), True)
         self._write = writer_for(self.transport)
 
     def connectionLost(self, reason=None):
