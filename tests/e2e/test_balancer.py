@@ -146,7 +146,7 @@ def lab(tmp_path):
 def http_server(respond):
     """A RawBackend handler serving keep-alive HTTP/1.1: `respond(req, state)` gets
     {method, target, version, headers (lower-case names)} and a per-connection dict,
-    and returns (status, [(name, value)], body)."""
+    and returns (status, [(name, value)], body), or None to close without answering."""
     counter = {"n": 0}
     lock = threading.Lock()
 
@@ -178,7 +178,10 @@ def http_server(respond):
             state["nth"] += 1
             req = {"method": method, "target": target, "version": version,
                    "headers": headers}
-            status, hdrs, body = respond(req, state)
+            answer = respond(req, state)
+            if answer is None:             # close without a response
+                return
+            status, hdrs, body = answer
             close = version == "HTTP/1.0" or headers.get("connection", "") == "close"
             hdrs = list(hdrs) + [("Content-Length", str(len(body)))]
             if close:
@@ -281,7 +284,7 @@ def access_count(proxy: Proxy, field: str) -> int:
 # lbmethods: distribution with loadfactors 3:1 over 400 requests
 
 
-def test_byrequests_3_to_1_is_exact_and_logged(lab, tmp_path):
+def test_byrequests_3_to_1_is_exact_and_logged(lab):
     n1, n2 = lab.echos("n1", "n2")
     port = free_port()
     p = lab.proxy(config(port, balancer("farm", [
@@ -357,9 +360,9 @@ def test_bybusyness_favours_the_idle_member(lab):
     # is busy for the whole loop, and each quick request ends before the next starts)
     slow = {}
     t = threading.Thread(target=lambda: slow.update(r=get(port, "/slow",
-                                                          {"X-Echo-Delay": "1.5"})))
+                                                          {"X-Echo-Delay": "2"})))
     t.start()
-    time.sleep(0.3)
+    time.sleep(0.5)                    # the slow request is on its way to n1
     quick = servers(c, 40)
     t.join()
     assert slow["r"].status == 200 and slow["r"].server == "n1", slow
@@ -592,10 +595,13 @@ def test_member_killed_mid_run_idempotent_requests_all_succeed(lab):
     threads = [threading.Thread(target=hammer, args=(k,)) for k in (True, False, True)]
     for t in threads:
         t.start()
-    time.sleep(0.6)
+    wait_until(lambda: all(Counter(x[2] for x in list(results))[n] >= 10
+                           for n in ("n1", "n2", "n3")), 10, "traffic to every member")
     n2.stop()                          # killed while requests are flowing
     killed = time.monotonic()
-    time.sleep(0.8)
+    time.sleep(0.5)
+    wait_until(lambda: sum(1 for x in list(results) if x[0] > killed) >= 60, 10,
+               "60 requests after the kill")
     stop.set()
     for t in threads:
         t.join()
@@ -604,16 +610,53 @@ def test_member_killed_mid_run_idempotent_requests_all_succeed(lab):
     assert not bad, (bad[:10], log)
     before = Counter(x[2] for x in results if x[0] < killed)
     after = Counter(x[2] for x in results if x[0] > killed)
-    if not (before["n2"] > 5):
-        import os
-        Path(f"/tmp/dbg_{os.getpid()}.txt").write_text(repr(sorted(results)) + "\n" + log + "\n" + p.access_log())
-    assert before["n2"] > 5 and before["n1"] > 5 and before["n3"] > 5, before
+    assert min(before["n1"], before["n2"], before["n3"]) >= 10, before
     assert after["n2"] == 0, after             # the dead member gets nothing more
-    assert after["n1"] > 5 and after["n3"] > 5, after
+    assert after["n1"] >= 20 and after["n3"] >= 20, after
     assert re.search(rf"balancer://farm: member {re.escape(n2.url)}: connection refused: "
                      rf"{FAILING_OVER} http://127\.0\.0\.1:({n1.port}|{n3.port})", log), log
     assert "-> 50" not in log, log
 
+
+def test_member_dying_mid_request_idempotent_requests_fail_over(lab):
+    """The moment a member is killed, a request can reach it and find the connection
+    closed without a word: a dying process still accepts connections (they wait in the
+    listen backlog) and closes them unanswered. Nothing was read back, so an idempotent
+    request is safe on another member and must succeed there; a POST already sent must
+    not be sent again (502). This is what the killed-mid-run test above runs into
+    once in a while; here it happens every time."""
+    state = {"a": "alive"}
+
+    def a_respond(req, st):              # serves until it "dies", then closes unanswered
+        return None if state["a"] == "dead" else (200, [("X-Member", "a")], b"a")
+
+    a = lab.raw(http_server(a_respond))
+    dead = lab.raw(http_server(lambda req, st: None))      # dying from the start
+    (b,) = lab.echos("b")
+    port = free_port()
+    p = lab.proxy(config(port,
+                         balancer("ka", [a.url, b.url]) +
+                         balancer("fresh", [dead.url, b.url]) +
+                         balancer("post", [dead.url, b.url]),
+                         route("/fresh/", "fresh") + route("/post/", "post") +
+                         route("/", "ka")))
+    c = Client(port)
+    assert servers(c, 4) == {"a": 2, "b": 2}
+    state["a"] = "dead"
+    # next in line is a: its kept-alive connection, then a new one, close unanswered
+    for _ in range(4):
+        r = c.get("/x")
+        assert r.status == 200 and r.server == "b", (r, p.log())
+    # a member that closes every new connection unanswered
+    for method in ("GET", "HEAD", "GET", "HEAD"):
+        r = Client(port).get("/fresh/x", method=method)
+        assert r.status == 200, (method, r, p.log())
+    # a POST that went out is not sent again
+    post = Client(port)
+    post.conn.request("POST", "/post/x", body=b"order=1", headers={"Host": HOST})
+    r = post.conn.getresponse()
+    r.read()
+    assert r.status == 502, r
 
 def test_failover_resends_a_request_body(lab):
     """A refused connection happens before any byte of the request went out, so even a
@@ -656,7 +699,9 @@ def test_maxattempts_bounds_the_members_one_request_tries(lab):
     assert r.status == 503, r
     log = p.log()
     for bal, failovers in (("dflt", 2), ("one", 1), ("none", 0)):
-        assert log.count(f"balancer://{bal}: member ") == failovers, (bal, log)
+        lines = [l for l in log.splitlines()
+                 if f"balancer://{bal}: member " in l and FAILING_OVER in l]
+        assert len(lines) == failovers, (bal, log)
     assert log.count(f"member {d1}: connection refused: {FAILING_OVER} {d2}") == 2, log
     assert f"backend balancer://one|{d2}|-: connection refused -> 503" in log, log
     assert f"backend balancer://none|{d1}|-: connection refused -> 503" in log, log

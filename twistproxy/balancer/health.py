@@ -145,14 +145,18 @@ class HealthCheck:
         m, cfg = self.member, self.member.config
         down = "C" in m.flags or "E" in m.flags
         if not down:
-            if not ok:
+            if ok:
+                self.fails = 0           # hcfails counts failures in a row
+            else:
                 self.fails += 1
                 if self.fails >= cfg.hcfails:
                     self.fails = 0
                     m.flags.add("C")
                     log.warn("balancer://{b}: member {m} failed its health check ({d}): "
                              "taken out", b=self.balancer_name, m=m.name, d=detail)
-        elif ok:
+        elif not ok:
+            self.passes = 0              # and hcpasses passes in a row
+        else:
             self.passes += 1
             if self.passes >= cfg.hcpasses:
                 self.passes = 0

@@ -240,10 +240,10 @@ class ReverseExchange:
         maxattempts allows, the request goes to another member (nothing was read back
         and no body sent yet, so this is always safe)."""
         lb, member = self.lb, self.member
-        if lb is None or member is None or self.response_started or self.body_sent:
+        if lb is None or member is None or self.response_started or not self._rewind():
             return False
         now = self.ctx.reactor.seconds()
-        self._member_done(ok=False)
+        self._member_done(ok=False, why=why)
         if len(lb.tried) > lb.max_attempts:
             return False
         choice = lb.balancer.choose(lb.url, lb.cookie, now, exclude=tuple(lb.tried))
@@ -416,7 +416,7 @@ class ReverseExchange:
         self.bconn = None
         if not self.body_done:
             bconn.reusable = False      # the backend did not take the whole body
-        self._member_done(ok=not self.member_failed)
+        self._member_done(ok=not self.member_failed, why="failonstatus matched")
         if (self.pin or bconn in self.conn.pinned.values()) and bconn.reusable:
             self.conn.pin(self.pool, bconn)
         else:
@@ -430,13 +430,31 @@ class ReverseExchange:
         self.bconn = None
         self._fail(502, why)
 
+    def _rewind(self) -> bool:
+        """Make the request ready to be sent again: possible while none of its body
+        was sent, or for an idempotent one whose body so far is still at hand."""
+        if self.body_sent and self.replay is None:
+            return False
+        self.holding = False
+        if self.body_sent:
+            self.early = self.replay + (self.early or [])
+            self.replay = []
+            self.body_sent = 0
+            self.body_done = False
+        if self.req.has_body and not self.req.complete:
+            self.conn.pause_reading()
+        return True
+
     def backend_lost(self, bconn, reason) -> None:
         if self.done:
             return
         self.bconn = None
-        if not self.response_started and not bconn.got_bytes and \
-                self._retry("connection closed before any answer"):
-            return
+        if not self.response_started and not bconn.got_bytes:
+            why = "connection closed before any answer"
+            # a stale kept-alive connection: once more on a new one; a balancer member
+            # that hangs up unanswered: another member (idempotent or nothing sent yet)
+            if self._retry(why) or self._failover(why):
+                return
         why = "connection closed before a complete response" if bconn.got_bytes else \
             "connection closed without a response"
         detail = _loss_detail(reason)
@@ -446,19 +464,9 @@ class ReverseExchange:
         """Once, on a new connection, when the failed one was a kept-alive one and the
         request can be sent again: no body byte sent yet, or an idempotent request
         whose body so far is still at hand."""
-        if self.retried or not self.reused or self.response_started:
-            return False
-        if self.body_sent and self.replay is None:
+        if self.retried or not self.reused or self.response_started or not self._rewind():
             return False
         self.retried = True
-        self.holding = False
-        if self.body_sent:
-            self.early = self.replay + (self.early or [])
-            self.replay = []
-            self.body_sent = 0
-            self.body_done = False
-        if self.req.has_body and not self.req.complete:
-            self.conn.pause_reading()
         log.debug("{where}: backend {backend}: {why} on a kept-alive connection: "
                   "sending again on a new one", where=self.rt.where,
                   backend=self.backend_name, why=why)
@@ -498,7 +506,8 @@ class ReverseExchange:
             self.bconn = None
         lb = self.lb
         self._member_done(ok=not (status == 503 or self.member_failed or (
-            lb is not None and status in lb.balancer.config.failonstatus)))
+            lb is not None and status in lb.balancer.config.failonstatus)),
+            why=f"{why} -> {status}")
         self.conn.resume_reading()       # start() paused it until a backend took the body
         rt = self.rt
         log.warn("{where}: backend {backend}: {why} -> {status}", where=rt.where,
@@ -509,12 +518,16 @@ class ReverseExchange:
             self.req.exchange = None
             self.conn.respond_error(self.req, status)
 
-    def _member_done(self, ok: bool) -> None:
+    def _member_done(self, ok: bool, why: str = "") -> None:
         member = self.member
         if member is None:
             return
         self.member = None
         self.rt.balancer_done(member, self.body_sent, self.received, ok)
+        if not ok and "E" in member.flags:
+            log.warn("{where}: balancer://{name}: member {m} in error state for {r:g}s: "
+                     "{why}", where=self.rt.where, name=self.rt.balancer.name, m=member.name,
+                     r=member.config.worker.retry, why=why or "failed")
 
     def _sni(self) -> str | None:
         """With preserve_host, a TLS backend is asked for the client's host name (SNI),
