@@ -191,7 +191,10 @@ class ProxyContext:
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
             # absolute-form: the authority overrides Host (RFC 9112 §3.2.2)
             scheme, rest = target.split(b"://", 1)
-            authority, slash, tail = rest.partition(b"/")
+            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0),
+                      default=len(rest))
+            authority, tail = rest[:cut], rest[cut:]
+            tail = tail[1:] if tail[:1] == b"/" else tail     # "/" + tail: the path
             if not authority or b"@" in authority:
                 return self.reject(conn, req, 400, "bad absolute-form target")
             gate = self.forward_gates.get(conn.listen_key)
@@ -229,14 +232,8 @@ class ProxyContext:
         if match is None:
             return self.reject(conn, req, 404, "no route", vhost=vhost)
         rt = req.route = self.routes[id(match.route)]
-        try:
-            mf = H.max_forwards(req.headers, method)
-        except ValueError:
-            return self.reject(conn, req, 400, "invalid Max-Forwards", vhost=vhost)
-        if mf is not None:
-            if mf == 0:
-                return self._answer_max_forwards(conn, req)
-            req.headers = H.decrement_max_forwards(req.headers)
+        if self._max_forwards_answered(conn, req):
+            return
         target_bytes = match.target.encode("latin-1")
         if rt.balancer is not None:
             return self._dispatch_balanced(conn, req, rt, target_bytes)
@@ -289,6 +286,8 @@ class ProxyContext:
         rt = req.route = gate.runtime
 
         def proceed():
+            if self._max_forwards_answered(conn, req):
+                return
             url = BackendURL(scheme.decode(), host.lower(), port, "", "")
             known = self.workers.by_origin.get(url.origin)
             # a worker the configuration defined for this origin serves it; else a new one
@@ -311,6 +310,21 @@ class ProxyContext:
         location = b"https://%s%s%s" % (host, b"" if port == 443 else b":%d" % port,
                                         req.target)
         conn.respond_error(req, 301, headers=[(b"Location", location)])
+
+    def _max_forwards_answered(self, conn, req) -> bool:
+        """OPTIONS/TRACE with Max-Forwards: answered here at 0, else decremented."""
+        try:
+            mf = H.max_forwards(req.headers, req.method)
+        except ValueError:
+            self.reject(conn, req, 400, "invalid Max-Forwards")
+            return True
+        if mf is None:
+            return False
+        if mf == 0:
+            self._answer_max_forwards(conn, req)
+            return True
+        req.headers = H.decrement_max_forwards(req.headers)
+        return False
 
     def _answer_max_forwards(self, conn, req) -> None:
         if req.method == b"TRACE":
@@ -350,7 +364,7 @@ class ProxyContext:
             elif ln == b"user-agent":
                 ua = v
         self.access_log.log(conn.peer_ip, req.request_line, req.status, req.sent, referer,
-                            ua, req.started, req.backend)
+                            ua, req.started, req.backend, req.user)
 
     def connection_made(self, conn) -> None:
         self.connections.add(conn)

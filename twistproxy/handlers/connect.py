@@ -185,7 +185,14 @@ class ConnectExchange:
         self.req.exchange = None
         self.conn.respond_error(self.req, status)
 
-    # the client side may go away, or pause, before the tunnel exists
+    # the client side may go away, or pause, before the tunnel exists; a CONNECT has
+    # no body (what follows its head is tunnel data), so these never carry bytes
+
+    def client_body(self, data: bytes) -> None:
+        pass
+
+    def client_body_end(self, trailers) -> None:
+        pass
 
     def client_gone(self) -> None:
         self.done = True

@@ -16,7 +16,7 @@ import httptools
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from zope.interface import alsoProvides, implementer
+from zope.interface import implementer
 
 from .deadline import Deadline
 from .direct import writer_for
@@ -119,6 +119,7 @@ class _ResponseFlow:
         pass
 
 
+@implementer(IHalfCloseableProtocol)
 class ClientConnection(Protocol):
     """Server side of one client connection. `ctx` supplies dispatch, limits, clock."""
 
@@ -140,6 +141,7 @@ class ClientConnection(Protocol):
         self._last: Request | None = None
         self.pinned: dict = {}            # pool -> backend connection (NTLM/Negotiate)
         self.tunnel = None                # once upgraded: bytes go to the tunnel
+        self.read_closed = False          # the client sent FIN
         self.upgrading = False            # an Upgrade request awaits the backend's answer
         self._upgrade_buf: list[bytes] = []
         self._head_bytes = 0
@@ -347,7 +349,7 @@ class ClientConnection(Protocol):
             if ln == b"host":
                 hosts.append(v)
             elif ln == b"content-length" or ln == b"transfer-encoding":
-                req.has_body = True
+                req.has_body = req.method != b"CONNECT"   # after CONNECT: tunnel bytes
         if len(hosts) > 1:
             raise Reject(400, "more than one Host header")
         if hosts:
@@ -442,13 +444,19 @@ class ClientConnection(Protocol):
         self.ctx.log_access(self, req)
         early, self._upgrade_buf = b"".join(self._upgrade_buf), []
         self.paused = 0
-        alsoProvides(self, IHalfCloseableProtocol)
+        if self.read_closed:
+            self.ctx.reactor.callLater(0, tunnel.client_half_closed)   # FIN came early
         return early
 
     def readConnectionLost(self):
-        """Half-close (only in tunnel mode, where this protocol provides it)."""
+        """The client sent FIN. In a tunnel (or one being set up) it is passed on as a
+        half-close; in HTTP the client is taken to have gone, as nginx does: its
+        requests are abandoned and their backend connections closed."""
+        self.read_closed = True
         if self.tunnel is not None:
             self.tunnel.client_half_closed()
+        elif not self.upgrading:
+            self.transport.abortConnection()
 
     def writeConnectionLost(self):
         pass
@@ -590,7 +598,7 @@ class ClientConnection(Protocol):
             self.queue.popleft()
         self.requests_served += 1
         self.ctx.log_access(self, req)
-        if not req.keep_alive or self.closing:
+        if not req.keep_alive or self.closing or self.read_closed:
             self._close(lingering=not req.complete)
             return
         if self.upgrading:
