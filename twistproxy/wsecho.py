@@ -32,7 +32,7 @@ def factory() -> WebSocketServerFactory:
     f.closed = []
     # echo whatever size arrives: the tests go to 16 MiB
     f.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0,
-                         autoFragmentSize=65536)
+                         autoFragmentSize=65536, echoCloseCodeReason=True)
     f.noisy = False
     return f
 

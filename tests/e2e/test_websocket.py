@@ -430,8 +430,9 @@ def test_close_code_and_reason_pass_both_ways(stack, tmp_path):
             await ws.send("hello")
             assert await ws.recv() == "hello"
             await ws.close(4000, "client says bye ☃")
-            assert ws.protocol.close_rcvd is not None
-            assert (ws.protocol.close_rcvd.code, ws.protocol.close_rcvd.reason) == (4000, "client says bye ☃")
+            rcvd = ws.protocol.close_rcvd
+            assert rcvd is not None
+            assert (rcvd.code, rcvd.reason) == (4000, "client says bye ☃")
         # backend -> client: wsecho closes with 4001 "asked to close"
         async with connect(f"ws://127.0.0.1:{proxy.port}/") as ws:
             await ws.send(b"__close_me__")
@@ -543,6 +544,32 @@ def test_autobahn_client(stack, tmp_path):
 
 # ---------------------------------------------------------------------------
 # the tunnel itself: bytes as they are, bytes past the handshake, endings
+
+
+def test_browser_style_connection_header_and_upgrade_token_case(stack, tmp_path):
+    """Firefox sends `Connection: keep-alive, Upgrade`; tokens are case-insensitive."""
+    backend = RawWsEcho(stack)
+    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    key = base64.b64encode(os.urandom(16))
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    s.sendall(b"GET /ff HTTP/1.1\r\nHost: proxy.test\r\nConnection: keep-alive, Upgrade\r\n"
+              b"Upgrade: WebSocket\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+              b"Origin: http://proxy.test\r\n\r\n" % key)
+    st = Stream(s)
+    head = st.head()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert header(head, b"sec-websocket-accept") == accept_for(key)
+    st.sendall(frame(OP_TEXT, b"hello from a browser", masked=True))
+    assert st.frame() == (True, OP_TEXT, b"hello from a browser")
+    st.sendall(frame(OP_CLOSE, close_payload(1001, "page closed"), masked=True))
+    assert st.frame() == (True, OP_CLOSE, close_payload(1001, "page closed"))
+    assert st.until_eof() == b""
+    s.close()
+    h = backend.heads[0]
+    assert (header(h, b"upgrade") or b"").lower() == b"websocket", h
+    assert header(h, b"origin") == b"http://proxy.test", h
+    assert backend.closes == [(1001, "page closed")]
+
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls-both-sides"])
@@ -763,6 +790,26 @@ def test_non_101_answer_is_relayed_and_the_connection_stays_http(stack, tmp_path
     run(scenario())
 
 
+def test_101_for_another_protocol_is_a_502(stack, tmp_path):
+    def handler(conn):
+        conn.settimeout(10)
+        st = Stream(conn)
+        st.head()
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                     b"Connection: Upgrade\r\n\r\n")
+        st.until_eof()
+
+    backend = raw_backend(stack, handler)
+    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+
+    async def scenario():
+        with pytest.raises(InvalidStatus) as info:
+            await connect(f"ws://127.0.0.1:{proxy.port}/")
+        assert info.value.response.status_code == 502
+    run(scenario())
+    proxy.wait_for_log("101 for 'h2c'")
+
+
 @pytest.mark.parametrize("url_scheme,params,asked", [
     ("http", {}, b"websocket"),                       # plain http:// route
     ("http", {"upgrade": "h2c"}, b"websocket"),        # allows another protocol only
@@ -831,6 +878,27 @@ def test_upgrade_forwarded_with_its_headers(stack, tmp_path, url_scheme, params)
 # many at once, and memory
 
 
+def test_tunnels_count_against_max(stack, tmp_path):
+    """A tunnel holds its backend connection: with max = 1 a second upgrade waits
+    (then 503 after acquire), and once the tunnel closes the slot is free again."""
+    echo = wsecho(stack)
+    proxy = start_proxy(stack, tmp_path, route(echo.url + "/", max=1, acquire=1))
+
+    async def scenario():
+        first = await connect(f"ws://127.0.0.1:{proxy.port}/1")
+        with pytest.raises(InvalidStatus) as info:
+            await connect(f"ws://127.0.0.1:{proxy.port}/2")
+        assert info.value.response.status_code == 503
+        await first.send("still mine")
+        assert await first.recv() == "still mine"
+        await first.close()
+        await asyncio.sleep(0.3)
+        async with connect(f"ws://127.0.0.1:{proxy.port}/3") as ws:
+            await ws.send("free again")
+            assert await ws.recv() == "free again"
+    run(scenario())
+
+
 def test_200_concurrent_connections(stack, tmp_path):
     echo = wsecho(stack)
     proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
@@ -886,8 +954,7 @@ def slow_reader(stack, make_proxy, total: int, tls: ssl.SSLContext | None = None
     proxy, port = make_proxy(backend.port)
     st, _ = raw_client(port, rcvbuf=65536, timeout=20, tls=tls)
     rss = [proxy.rss_kib()]
-    time.sleep(1.0)
-    stalled_at = state["sent"]
+    stalled_at = settle(lambda: state["sent"])
     rss.append(proxy.rss_kib())
     time.sleep(1.0)
     rss.append(proxy.rss_kib())
@@ -915,6 +982,20 @@ def slow_reader(stack, make_proxy, total: int, tls: ssl.SSLContext | None = None
     while "ended" not in state and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "ended" in state, "the backend kept streaming after the client closed"
+
+
+def settle(get, quiet: float = 0.5, limit: float = 5.0):
+    """The value of get() once it has not changed for `quiet` seconds (or at `limit`)."""
+    last, since = get(), time.monotonic()
+    deadline = since + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = get()
+        if value != last:
+            last, since = value, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
 
 
 def test_client_that_stops_reading_keeps_proxy_memory_bounded(stack, tmp_path):
@@ -961,8 +1042,7 @@ def test_backend_that_stops_reading_keeps_proxy_memory_bounded(stack, tmp_path):
     t = threading.Thread(target=sender, daemon=True)
     t.start()
     rss = []
-    time.sleep(1.0)
-    held = progress["sent"]
+    held = settle(lambda: progress["sent"])
     rss.append(proxy.rss_kib())
     time.sleep(1.0)
     rss.append(proxy.rss_kib())
@@ -1044,7 +1124,7 @@ def test_tunnel_not_cut_by_request_timeouts(stack, tmp_path):
 
     async def scenario():
         async with connect(f"ws://127.0.0.1:{proxy.port}/") as ws:
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(2.5)            # 2.5 x timeout, keepalive and header
             await ws.send("still open")
             assert await asyncio.wait_for(ws.recv(), 5) == "still open"
     run(scenario())
@@ -1077,13 +1157,13 @@ def test_graceful_stop_waits_for_tunnels_then_closes_them(stack, tmp_path):
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(b.recv(), 15)
         closed_after = time.monotonic() - t0
-        while proxy.proc.poll() is None and time.monotonic() - t0 < 15:
+        while proxy.proc.poll() is None and time.monotonic() - t0 < 17:
             await asyncio.sleep(0.05)
         return closed_after, time.monotonic() - t0
     closed_after, exited_after = run(scenario(), timeout=30)
     assert proxy.proc.poll() is not None, "the proxy did not exit"
-    assert 8.0 <= closed_after <= 12.5, closed_after
-    assert exited_after <= 13.0, exited_after
+    assert 8.0 <= closed_after <= 14.0, closed_after
+    assert exited_after <= 15.0, exited_after
 
 
 def test_graceful_stop_exits_as_soon_as_the_last_tunnel_closes(stack, tmp_path):
@@ -1238,7 +1318,8 @@ def test_wss_backend(stack, pki):
                 await ws.send(data)
                 assert await ws.recv() == data
                 await ws.close(4010, "done over tls")
-                assert (ws.protocol.close_rcvd.code, ws.protocol.close_rcvd.reason) == (4010, "done over tls")
+                rcvd = ws.protocol.close_rcvd
+                assert (rcvd.code, rcvd.reason) == (4010, "done over tls")
     run(scenario())
     assert backend.closes == [(4010, "done over tls")] * 2
     assert all(h.startswith(b"GET / HTTP/1.1") for h in backend.heads)
@@ -1354,79 +1435,12 @@ def test_bybusyness_counts_open_tunnels(stack, tmp_path):
         await b.close()
         await asyncio.sleep(0.3)
         c = await connect(f"ws://127.0.0.1:{proxy.port}/c")         # m2 again: m1 busy
-        d = await connect(f"ws://127.0.0.1:{proxy.port}/d")         # a tie again
-        for ws in (a, c, d):
+        for ws in (a, c):
             await ws.close()
     run(scenario())
-    lines = wait_access_count(proxy, 4)
+    lines = wait_access_count(proxy, 3)
 
     def member_of(path):
         return next(ln for ln in lines if f"GET {path} " in ln).rsplit("|", 1)[1]
     assert (member_of("/a"), member_of("/b")) == ("m1", "m2")
     assert member_of("/c") == "m2", "the open tunnel on m1 was not counted as busy"
-
-
-def test_tunnels_count_against_max(stack, tmp_path):
-    """A tunnel holds its backend connection: with max = 1 a second upgrade waits
-    (then 503 after acquire), and once the tunnel closes the slot is free again."""
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/", max=1, acquire=1))
-
-    async def scenario():
-        first = await connect(f"ws://127.0.0.1:{proxy.port}/1")
-        with pytest.raises(InvalidStatus) as info:
-            await connect(f"ws://127.0.0.1:{proxy.port}/2")
-        assert info.value.response.status_code == 503
-        await first.send("still mine")
-        assert await first.recv() == "still mine"
-        await first.close()
-        await asyncio.sleep(0.3)
-        async with connect(f"ws://127.0.0.1:{proxy.port}/3") as ws:
-            await ws.send("free again")
-            assert await ws.recv() == "free again"
-    run(scenario())
-
-
-def test_101_for_another_protocol_is_a_502(stack, tmp_path):
-    def handler(conn):
-        conn.settimeout(10)
-        st = Stream(conn)
-        st.head()
-        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
-                     b"Connection: Upgrade\r\n\r\n")
-        st.until_eof()
-
-    backend = raw_backend(stack, handler)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
-
-    async def scenario():
-        with pytest.raises(InvalidStatus) as info:
-            await connect(f"ws://127.0.0.1:{proxy.port}/")
-        assert info.value.response.status_code == 502
-    run(scenario())
-    proxy.wait_for_log("101 for 'h2c'")
-
-
-def test_browser_style_connection_header_and_upgrade_token_case(stack, tmp_path):
-    """Firefox sends `Connection: keep-alive, Upgrade`; tokens are case-insensitive."""
-    backend = RawWsEcho(stack)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
-    key = base64.b64encode(os.urandom(16))
-    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    s.sendall(b"GET /ff HTTP/1.1\r\nHost: proxy.test\r\nConnection: keep-alive, Upgrade\r\n"
-              b"Upgrade: WebSocket\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
-              b"Origin: http://proxy.test\r\n\r\n" % key)
-    st = Stream(s)
-    head = st.head()
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    assert header(head, b"sec-websocket-accept") == accept_for(key)
-    st.sendall(frame(OP_TEXT, b"hello from a browser", masked=True))
-    assert st.frame() == (True, OP_TEXT, b"hello from a browser")
-    st.sendall(frame(OP_CLOSE, close_payload(1001, "page closed"), masked=True))
-    assert st.frame() == (True, OP_CLOSE, close_payload(1001, "page closed"))
-    assert st.until_eof() == b""
-    s.close()
-    h = backend.heads[0]
-    assert (header(h, b"upgrade") or b"").lower() == b"websocket", h
-    assert header(h, b"origin") == b"http://proxy.test", h
-    assert backend.closes == [(1001, "page closed")]

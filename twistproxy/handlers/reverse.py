@@ -327,20 +327,31 @@ class ReverseExchange:
         self.response_started = True
         bconn.deadline.clear()
         self.bconn = None
-        self._member_done(ok=True)
         rt, conn = self.rt, self.conn
         out = H.response_to_client(headers, via=rt.vhost.proxy_via, via_name=rt.via_name,
                                    backend_version=b"1.1", keep_upgrade=True)
+        if self.choice is not None and self.choice.route_changed:
+            cookie = rt.sticky_cookie_header(self.member)      # sticky from the handshake
+            if cookie is not None:
+                out.append(cookie)
         out.append((b"Connection", b"Upgrade"))
         head = b"HTTP/1.1 101 %s\r\n%s\r\n" % (rsn or b"Switching Protocols",
                                                 serialize_headers(out))
         tunnel = Tunnel(self.ctx.reactor, conn, bconn, self.ctx.server.tunnel_timeout,
-                        where=rt.where)
+                        where=rt.where, on_close=self._tunnel_closed)
         bconn.tunnel = tunnel
         bconn.exchange = tunnel          # its flow-control producer now drives the tunnel
         alsoProvides(bconn, IHalfCloseableProtocol)
         early = conn.switch_protocols(self.req, head, tunnel)
         tunnel.start(from_client=early, from_backend=rest)
+
+    def _tunnel_closed(self, tunnel) -> None:
+        """A tunnel's member stays busy (bybusyness) until it closes; its bytes count
+        for bytraffic."""
+        member = self.member
+        if member is not None:
+            self.member = None
+            self.rt.balancer_done(member, tunnel.up, tunnel.down, True)
 
     def backend_full(self) -> None:
         self.conn.pause_reading()
