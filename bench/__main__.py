@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import resource
@@ -113,6 +114,12 @@ def plan(args) -> tuple[list, list, list[str]]:
     if not args.wrk:
         notes.append("wrk not installed (apt-get install wrk): its scenarios are skipped")
         scns = [s for s in scns if s.kind != "wrk"]
+    if any(s.kind == "websocket" for s in scns):
+        missing = [m for m in ("websockets", "autobahn") if importlib.util.find_spec(m) is None]
+        if missing:
+            notes.append(f"websocket skipped: {' and '.join(missing)} not installed "
+                         f"(pip install {' '.join(missing)})")
+            scns = [s for s in scns if s.kind != "websocket"]
     if any(s.name == "clients" for s in scns) and args.fds < CLIENTS_FDS:
         notes.append(f"clients skipped: open-file limit {args.fds} < {CLIENTS_FDS} "
                      f"(raise the hard limit, e.g. ulimit -Hn 65536)")
@@ -127,14 +134,24 @@ def plan(args) -> tuple[list, list, list[str]]:
     if any(s.members == "pair" for s in scns):
         notes += [f"balancer: {p.name} has no balancer, not run"
                   for p in proxies if not p.balancer and p.name != "direct"]
+    for s in scns:
+        notes += [f"{s.name}: {p.name} not run: {why}"
+                  for p in proxies if (why := p.unsupported(s.mode))]
     return scns, proxies, notes
+
+
+def skipped(scn, proxy) -> bool:
+    """A pairing plan() noted as not run."""
+    return ((scn.members == "pair" and not proxy.balancer)
+            or proxy.unsupported(scn.mode) is not None)
 
 
 def measure(args, scns, proxies, workdir: Path) -> tuple[str, dict]:
     """Start the backends, run every round; returns the backend's description and
     {scenario: {proxy: [one result per round]}}."""
     results: dict[str, dict[str, list]] = {s.name: {} for s in scns}
-    b = backends.start(workdir, args.stream_bytes, args.fds, not args.echo_backend)
+    b = backends.start(workdir, args.stream_bytes, args.fds, not args.echo_backend,
+                       websocket=any(s.kind == "websocket" for s in scns))
     try:
         print(f"backend: {b.describe()}", file=sys.stderr)
         env = scenarios.Env(workdir, b, args.wrk, args.duration, args.warmup)
@@ -142,12 +159,12 @@ def measure(args, scns, proxies, workdir: Path) -> tuple[str, dict]:
             k = r % len(proxies) if proxies else 0
             for scn in scns:
                 for p in proxies[k:] + proxies[:k]:       # who goes first rotates
-                    if scn.members == "pair" and not p.balancer:
+                    if skipped(scn, p):
                         continue
                     res = scenarios.run(scn, p, env, f"{p.name}-{scn.name}-r{r + 1}")
                     results[scn.name].setdefault(p.name, []).append(res)
                     print(f"[round {r + 1}/{args.rounds}] {scn.name:9} {p.name:11} "
-                          f"{_brief(res)}", file=sys.stderr, flush=True)
+                          f"{_brief(res, scn)}", file=sys.stderr, flush=True)
     finally:
         b.stop()
     return b.describe(), results
@@ -207,12 +224,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _brief(res: dict) -> str:
+def _brief(res: dict, scn) -> str:
     if "error" in res:
         return "error: " + res["error"]
     parts = []
     if "rps" in res:
-        parts.append(f"{res['rps']:.0f} req/s p50 {res['p50_ms']:.2f}ms")
+        unit = "round-trips/s" if scn.kind == "websocket" else "req/s"
+        parts.append(f"{res['rps']:.0f} {unit} p50 {res['p50_ms']:.2f}ms")
         if res.get("non_2xx") or any(res.get("socket_errors", {}).values()):
             parts.append(f"non-2xx {res['non_2xx']} socket {res['socket_errors']}")
     if "mbps" in res:

@@ -6,6 +6,8 @@
 - Without nginx, two `python -m twistproxy.echo` processes, steered by X-Echo-Bytes.
 - Uploads always go to one more echo process: it reads the body, hashes it and
   discards it (nginx has no plain "read and discard" handler).
+- For the WebSocket scenario, a `python -m twistproxy.wsecho` process (autobahn on
+  Twisted) echoes every message; the CONNECT scenario tunnels to the first member.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .procs import MIB, Proc, find_tool, free_port
 
 SMALL_BYTES = 128
 LARGE_BYTES = MIB
+WS_MESSAGE_BYTES = 128
 
 
 @dataclass
@@ -36,13 +39,16 @@ class Backends:
     why: str                        # why echo, when it is
     members: list[int]              # two ports; the first is the plain backend
     sink: int                       # port of the upload sink (echo)
-    targets: dict[str, Target]      # small, large, stream, upload
+    targets: dict[str, Target]      # small, large, stream, upload, ws
     procs: list[Proc]
+    ws: int | None = None           # port of the WebSocket echo, when started
 
     def describe(self) -> str:
         first = ("nginx 1 worker (return 200 / sendfile)" if self.kind == "nginx"
                  else f"twistproxy.echo ({self.why})")
-        return f"{first} on ports {self.members}; uploads to twistproxy.echo on {self.sink}"
+        ws = f"; WebSocket echo twistproxy.wsecho on {self.ws}" if self.ws else ""
+        return (f"{first} on ports {self.members}; uploads to twistproxy.echo on "
+                f"{self.sink}{ws}")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -87,12 +93,27 @@ def _echo(name: str, workdir: Path) -> tuple[Proc, int]:
     return proc, port
 
 
-def start(workdir: Path, stream_bytes: int, nofile: int, use_nginx: bool = True) -> Backends:
+def _wsecho(workdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc("backend-wsecho", [sys.executable, "-m", "twistproxy.wsecho", str(port)],
+                workdir)
+    proc.wait_port(port)
+    return proc, port
+
+
+def start(workdir: Path, stream_bytes: int, nofile: int, use_nginx: bool = True,
+          websocket: bool = False) -> Backends:
+    """websocket: also start the WebSocket echo (Backends.ws, target "ws")."""
     procs: list[Proc] = []
     try:
         sink_proc, sink = _echo("backend-sink", workdir)
         procs.append(sink_proc)
         upload = Target("/upload", stream_bytes, method="PUT")
+        ws = None
+        if websocket:
+            ws_proc, ws = _wsecho(workdir)
+            procs.append(ws_proc)
+        wst = Target("/", WS_MESSAGE_BYTES)       # path on the echo, message size
         nginx = find_tool("nginx") if use_nginx else None
         if nginx:
             www = workdir / "www"
@@ -115,7 +136,7 @@ def start(workdir: Path, stream_bytes: int, nofile: int, use_nginx: bool = True)
                 "small": Target("/small", SMALL_BYTES),
                 "large": Target("/1m.bin", LARGE_BYTES),
                 "stream": Target("/stream.bin", stream_bytes),
-                "upload": upload}, procs)
+                "upload": upload, "ws": wst}, procs, ws)
             load.download(p1, b.targets["stream"])   # page cache filled before anyone's turn
             return b
         ports = []
@@ -131,7 +152,7 @@ def start(workdir: Path, stream_bytes: int, nofile: int, use_nginx: bool = True)
             "small": steered("/small", SMALL_BYTES),
             "large": steered("/1m.bin", LARGE_BYTES),
             "stream": steered("/stream.bin", stream_bytes),
-            "upload": upload}, procs)
+            "upload": upload, "ws": wst}, procs, ws)
     except BaseException:
         for p in procs:
             p.stop()

@@ -1,7 +1,9 @@
-"""Load generators: wrk (parsed into numbers) and a raw-socket client for big bodies."""
+"""Load generators: wrk (parsed into numbers), a raw-socket client for big bodies (also
+through a CONNECT tunnel), and an asyncio `websockets` client for WebSocket echoes."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import subprocess
@@ -90,13 +92,40 @@ def _drain(sock, headers, rest, give_up) -> int:
     return got
 
 
-def download(port: int, target, give_up=lambda: None, timeout: float = 60.0) -> dict:
-    """GET target.path, read and discard the body; MB/s over the whole exchange."""
+def _open(port: int, tunnel_to: int | None, timeout: float) -> tuple[socket.socket, int]:
+    """A connection to 127.0.0.1:port, or with tunnel_to, a CONNECT tunnel through the
+    proxy on port to 127.0.0.1:tunnel_to; returns it and the port requests are for."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if tunnel_to is None:
+        return s, port
+    try:
+        where = f"127.0.0.1:{tunnel_to}"
+        s.sendall(f"CONNECT {where} HTTP/1.1\r\nHost: {where}\r\n\r\n".encode())
+        status, _, rest = _read_head(s)
+        if status != 200:
+            raise StreamError(f"CONNECT {where}: status {status}")
+        if rest:                         # the target says nothing before our request
+            raise StreamError(f"CONNECT {where}: {len(rest)} unexpected bytes after the 200")
+    except BaseException:
+        s.close()
+        raise
+    return s, tunnel_to
+
+
+def _get_head(target, port: int) -> bytes:
     head = [f"GET {target.path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
     head += [f"{k}: {v}" for k, v in target.headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+def download(port: int, target, give_up=lambda: None, timeout: float = 60.0,
+             tunnel_to: int | None = None) -> dict:
+    """GET target.path, read and discard the body; MB/s over the whole exchange (with
+    tunnel_to, the CONNECT to 127.0.0.1:tunnel_to first, through the proxy on port)."""
     start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    s, at = _open(port, tunnel_to, timeout)
+    with s:
+        s.sendall(_get_head(target, at))
         status, headers, rest = _read_head(s)
         got = _drain(s, headers, rest, give_up)
     secs = time.monotonic() - start
@@ -133,11 +162,110 @@ def upload(port: int, target, give_up=lambda: None, timeout: float = 60.0) -> di
     return {"bytes": n, "seconds": secs, "mbps": n / secs / 1e6}
 
 
-def fetch(port: int, target, timeout: float = 10.0) -> tuple[int, int]:
+def fetch(port: int, target, timeout: float = 10.0,
+          tunnel_to: int | None = None) -> tuple[int, int]:
     """One request (the check that a proxy really relays): status, body length."""
-    head = [f"GET {target.path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
-    head += [f"{k}: {v}" for k, v in target.headers.items()]
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    s, at = _open(port, tunnel_to, timeout)
+    with s:
+        s.sendall(_get_head(target, at))
         status, headers, rest = _read_head(s)
         return status, _drain(s, headers, rest, lambda: None)
+
+
+# -- WebSocket ---------------------------------------------------------------------------
+
+def _ws_url(port: int, target) -> str:
+    return f"ws://127.0.0.1:{port}{target.path}"
+
+
+def _ws_connect(url: str):
+    from websockets.asyncio.client import connect
+    # no permessage-deflate (the echo would not take it anyway), no keepalive pings
+    return connect(url, compression=None, max_size=None, ping_interval=None,
+                   open_timeout=10, close_timeout=2)
+
+
+def _pct(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))]
+
+
+async def _ws_load(url: str, size: int, connections: int, duration: float) -> dict:
+    msg = (bytes(range(256)) * (size // 256 + 1))[:size]
+    opened: list = []
+    errors = {"connect": 0, "closed": 0, "mismatch": 0}
+    first_error: list[str] = []
+
+    async def open_one():
+        try:
+            opened.append(await _ws_connect(url))
+        except Exception as e:
+            errors["connect"] += 1
+            first_error.append(f"{type(e).__name__}: {e}")
+
+    await asyncio.gather(*(open_one() for _ in range(connections)))
+    if not opened:
+        raise RuntimeError(f"no WebSocket connection opened: {first_error[0]}")
+    lat: list[list[float]] = [[] for _ in opened]
+    clock = time.perf_counter
+    stop = clock() + duration
+
+    async def loop(ws, out: list[float]):
+        try:
+            while True:
+                t0 = clock()
+                if t0 >= stop:
+                    return
+                await ws.send(msg)
+                got = await ws.recv()
+                out.append(clock() - t0)
+                if got != msg:
+                    errors["mismatch"] += 1
+                    return
+        except Exception as e:
+            errors["closed"] += 1
+            first_error.append(f"{type(e).__name__}: {e}")
+
+    began = clock()
+    try:
+        async with asyncio.timeout(duration + 30):      # a stalled proxy: give up
+            await asyncio.gather(*(loop(ws, out) for ws, out in zip(opened, lat)))
+    except TimeoutError:
+        raise RuntimeError(f"WebSocket round-trips stalled for 30 s past the "
+                           f"{duration:g} s run") from None
+    finally:
+        secs = clock() - began
+        await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
+    all_lat = sorted(x for out in lat for x in out)
+    n = len(all_lat)
+    if not n:
+        raise RuntimeError(f"no WebSocket round-trip completed: "
+                           f"{first_error[0] if first_error else 'nothing echoed'}")
+    result = {"rps": n / secs, "p50_ms": _pct(all_lat, 50) * 1e3,
+              "p99_ms": _pct(all_lat, 99) * 1e3, "requests": n, "seconds": secs,
+              "connections": len(opened), "non_2xx": 0, "socket_errors": errors}
+    if first_error:
+        result["first_error"] = first_error[0]
+    return result
+
+
+def websocket(port: int, target, connections: int, duration: float) -> dict:
+    """`connections` WebSocket clients to ws://127.0.0.1:port/, each sending a message
+    of target.size bytes and awaiting its echo in a loop for `duration` seconds (opened
+    before the clock starts): round-trips/s ("rps"), p50/p99 round-trip (ms), and
+    connections that failed to open, closed early or echoed something else."""
+    return asyncio.run(_ws_load(_ws_url(port, target), target.size, connections,
+                                duration))
+
+
+def websocket_check(port: int, target, timeout: float = 10.0) -> None:
+    """One WebSocket echo through the proxy (the check that it really tunnels)."""
+    async def once():
+        async with asyncio.timeout(timeout):
+            async with _ws_connect(_ws_url(port, target)) as ws:
+                await ws.send(b"check")
+                got = await ws.recv()
+        if got != b"check":
+            raise RuntimeError(f"WebSocket check: echoed {got!r}")
+    asyncio.run(once())

@@ -2,9 +2,13 @@
 keep-alive to the backend where the proxy can, client keep-alive without a request
 limit, and an access log to a file in the run's temp dir.
 
-Each `start(workdir, port, members)` writes its configuration and starts the proxy on
-127.0.0.1:port in front of `members` (backend ports; two of them make a balancer),
-returning the Proc. `available()` says why a proxy cannot run here, or None.
+Each `start(workdir, port, members, tag, mode)` writes its configuration and starts the
+proxy on 127.0.0.1:port in front of `members` (backend ports; two of them make a
+balancer), returning the Proc. `mode` is "http" (reverse proxy), "websocket" (the same,
+passing WebSocket upgrades on as a tunnel to the one member, a ws:// echo) or "connect"
+(a forward proxy that takes `CONNECT 127.0.0.1:<member>`; no reverse route).
+`available()` says why a proxy cannot run here, or None; `unsupported(mode)` why it
+cannot run in that mode, or None.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ class Proxy:
     label = ""
     balancer = True          # can put two members behind one route
     notes = ""               # how its settings differ from the others'
+    cannot: dict[str, str] = {}     # mode -> why this proxy cannot run in it
 
     def available(self) -> str | None:
         return None
 
-    def start(self, workdir: Path, port: int, members: list[int], tag: str) -> Proc:
+    def unsupported(self, mode: str) -> str | None:
+        return self.cannot.get(mode)
+
+    def start(self, workdir: Path, port: int, members: list[int], tag: str,
+              mode: str = "http") -> Proc:
         raise NotImplementedError
 
 
@@ -37,23 +46,16 @@ class Direct(Proxy):
     name, label = "direct", "(backend, no proxy)"
     balancer = False
 
-    def start(self, workdir, port, members, tag):
+    def start(self, workdir, port, members, tag, mode="http"):
         return None
 
 
 class TwistProxy(Proxy):
     name, label = "twistproxy", "twistproxy (1 process)"
 
-    def start(self, workdir, port, members, tag):
-        if len(members) == 1:
-            route = f'url = "http://127.0.0.1:{members[0]}/"'
-            balancer = ""
-        else:
-            route = 'url = "balancer://pair/"'
-            balancer = "[balancer.pair]\n" + "".join(
-                f'[[balancer.pair.member]]\nurl = "http://127.0.0.1:{m}"\n' for m in members)
+    def start(self, workdir, port, members, tag, mode="http"):
         conf = workdir / f"{tag}.toml"
-        conf.write_text(f"""\
+        head = f"""\
 [server]
 access_log = "{workdir / (tag + '.access.log')}"
 keepalive_timeout = 300
@@ -64,7 +66,20 @@ port = {port}
 
 [[vhost]]
 server_name = "localhost"
-
+"""
+        if mode == "connect":             # a forward proxy; clients on loopback may use it
+            conf.write_text(head + f"proxy_requests = true\nallow_connect = [{members[0]}]\n")
+            return Proc(tag, [sys.executable, "-m", "twistproxy.cli", "run", str(conf)],
+                        workdir)
+        scheme = "ws" if mode == "websocket" else "http"
+        if len(members) == 1:
+            route = f'url = "{scheme}://127.0.0.1:{members[0]}/"'
+            balancer = ""
+        else:
+            route = 'url = "balancer://pair/"'
+            balancer = "[balancer.pair]\n" + "".join(
+                f'[[balancer.pair.member]]\nurl = "http://127.0.0.1:{m}"\n' for m in members)
+        conf.write_text(head + f"""
   [[vhost.route]]
   path = "/"
   {route}
@@ -75,12 +90,19 @@ server_name = "localhost"
 
 class Nginx(Proxy):
     name, label = "nginx", "nginx (1 worker)"
+    cannot = {"connect": "nginx has no CONNECT (forward proxy) support"}
 
     def available(self):
         return None if find_tool("nginx") else "nginx not installed (apt-get install nginx)"
 
-    def start(self, workdir, port, members, tag):
+    def start(self, workdir, port, members, tag, mode="http"):
         servers = "".join(f"server 127.0.0.1:{m};" for m in members)
+        if mode == "websocket":           # the Upgrade passed on; upgraded, it is a tunnel
+            conn = ('proxy_set_header Upgrade $http_upgrade;\n'
+                    '            proxy_set_header Connection "upgrade";\n'
+                    '            proxy_read_timeout 300s;')
+        else:
+            conn = 'proxy_set_header Connection "";'
         d = workdir
         conf = d / f"{tag}.conf"
         conf.write_text(f"""\
@@ -106,7 +128,7 @@ http {{
         location / {{
             proxy_pass http://be;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            {conn}
             proxy_request_buffering off;
             proxy_max_temp_file_size 0;
         }}
@@ -118,12 +140,15 @@ http {{
 
 class HAProxy(Proxy):
     name, label = "haproxy", "haproxy (1 thread)"
+    cannot = {"connect": "haproxy cannot serve CONNECT (it is no forward proxy)"}
 
     def available(self):
         return None if find_tool("haproxy") else "haproxy not installed (apt-get install haproxy)"
 
-    def start(self, workdir, port, members, tag):
+    def start(self, workdir, port, members, tag, mode="http"):
         servers = "".join(f"    server s{i} 127.0.0.1:{m}\n" for i, m in enumerate(members))
+        # mode http relays a WebSocket upgrade as it is; the tunnel's idle timeout:
+        tunnel = "    timeout tunnel 300s\n" if mode == "websocket" else ""
         conf = workdir / f"{tag}.cfg"
         conf.write_text(f"""\
 global
@@ -138,7 +163,7 @@ defaults
     timeout client 300s
     timeout server 300s
     timeout http-keep-alive 300s
-    http-reuse always
+{tunnel}    http-reuse always
 frontend fe
     bind 127.0.0.1:{port}
     default_backend be
@@ -160,13 +185,32 @@ class Apache(Proxy):
             return f"mod_proxy_http.so not in {APACHE_MODULES}"
         return None
 
-    def start(self, workdir, port, members, tag):
+    MODE_MODULES = {"websocket": "proxy_wstunnel", "connect": "proxy_connect"}
+
+    def unsupported(self, mode):
+        m = self.MODE_MODULES.get(mode)
+        if m and not (APACHE_MODULES / f"mod_{m}.so").exists():
+            return f"mod_{m}.so not in {APACHE_MODULES}"
+        return None
+
+    def start(self, workdir, port, members, tag, mode="http"):
         mods = ["mpm_event", "authz_core", "proxy", "proxy_http", "log_config", "unixd"]
         if len(members) > 1:
             mods += ["slotmem_shm", "proxy_balancer", "lbmethod_byrequests"]
+        if mode in self.MODE_MODULES:
+            mods.append(self.MODE_MODULES[mode])
         load = "".join(f"<IfModule !mod_{m}.c>\nLoadModule {m}_module "
                        f"{APACHE_MODULES}/mod_{m}.so\n</IfModule>\n" for m in mods)
-        if len(members) == 1:
+        requests = "Off"
+        if mode == "connect":
+            # a forward proxy (for loopback only: the listener is on 127.0.0.1)
+            requests = "On"
+            proxy = (f"AllowCONNECT {members[0]}\n"
+                     "<Proxy *>\n    Require all granted\n</Proxy>\n")
+        elif mode == "websocket":
+            # 2.4.47+: mod_proxy_wstunnel hands ws:// to mod_proxy_http's upgrade tunnel
+            proxy = f"ProxyPass / ws://127.0.0.1:{members[0]}/\n"
+        elif len(members) == 1:
             proxy = f"ProxyPass / http://127.0.0.1:{members[0]}/ keepalive=On\n"
         else:
             proxy = ("<Proxy balancer://pair>\n" + "".join(
@@ -204,7 +248,7 @@ KeepAliveTimeout 300
 MaxKeepAliveRequests 0
 LimitRequestBody 0
 Timeout 300
-ProxyRequests Off
+ProxyRequests {requests}
 {proxy}""")
         return Proc(tag, [find_tool("apache2"), "-f", str(conf), "-DFOREGROUND"], workdir)
 
@@ -213,8 +257,11 @@ class TwistedWeb(Proxy):
     name, label = "twisted", "twisted.web.proxy"
     balancer = False
     notes = "ReverseProxyResource: a new backend connection per request, bodies held"
+    cannot = {"websocket": "twisted.web.proxy's ReverseProxyResource has no WebSocket "
+                           "(Upgrade) support",
+              "connect": "twisted.web.proxy serves no CONNECT"}
 
-    def start(self, workdir, port, members, tag):
+    def start(self, workdir, port, members, tag, mode="http"):
         return Proc(tag, [sys.executable, "-m", "bench.twisted_reverse", str(port),
                           str(members[0]), str(workdir / f"{tag}.access.log")], workdir)
 
@@ -224,20 +271,25 @@ class ProxyPy(Proxy):
     balancer = False
     notes = ("reverse proxy plugin, --threaded (a thread per client connection: 2.4.10's "
              "default threadless mode dies on a second request over a keep-alive "
-             "connection); a new backend connection per request")
+             "connection); a new backend connection per request; for CONNECT its "
+             "plain forward proxy, --threaded too")
+    cannot = {"websocket": "proxy.py's reverse proxy plugin does not tunnel WebSocket "
+                           "upgrades"}
 
     def available(self):
         if importlib.util.find_spec("proxy") is None:
             return "proxy.py not installed (pip install proxy.py)"
         return None
 
-    def start(self, workdir, port, members, tag):
+    def start(self, workdir, port, members, tag, mode="http"):
+        # for CONNECT, its own forward proxy (which takes CONNECT to any port)
+        reverse = [] if mode == "connect" else [
+            "--enable-reverse-proxy", "--plugins", "bench.proxypy_plugin.Reverse"]
         return Proc(tag, [
             sys.executable, "-m", "proxy", "--threaded",
             "--hostname", "127.0.0.1", "--port", str(port),
             "--num-workers", "1", "--num-acceptors", "1", "--backlog", "4096",
-            "--open-file-limit", str(fd_limit()), "--timeout", "300",
-            "--enable-reverse-proxy", "--plugins", "bench.proxypy_plugin.Reverse",
+            "--open-file-limit", str(fd_limit()), "--timeout", "300", *reverse,
             "--log-file", str(workdir / f"{tag}.access.log"), "--log-level", "info",
         ], workdir, env={**os.environ, "BENCH_BACKEND_PORT": str(members[0])})
 

@@ -1,6 +1,10 @@
 """The scenarios, and one measurement: a fresh proxy process, a check that it relays,
 a warm-up, the load, its memory (VmRSS sampled during the load, VmHWM at the end),
 then the proxy stopped. A fresh process per measurement keeps each peak its own.
+
+Most scenarios are reverse proxying (the proxy started in its "http" mode); `websocket`
+starts it as a WebSocket tunnel to the wsecho backend and `connect` as a forward proxy
+taking CONNECT to the streaming backend's port (Scenario.mode).
 """
 
 from __future__ import annotations
@@ -19,12 +23,18 @@ from .proxies import Proxy
 class Scenario:
     name: str
     title: str
-    kind: str                    # "wrk", "download" or "upload"
+    kind: str                    # "wrk", "download", "upload", "websocket" or "connect"
     target: str                  # key of Backends.targets
     connections: int = 0
     threads: int = 1
-    members: str = "one"         # "one" backend, a "pair" (balancer), the upload "sink"
+    members: str = "one"         # "one" backend, a "pair" (balancer), the upload "sink",
+                                 # the "ws" echo
     metric: str = "rps"          # what the ratio column compares: rps, p50_ms or mbps
+
+    @property
+    def mode(self) -> str:
+        """How the proxy is configured: "http" (reverse), "websocket" or "connect"."""
+        return self.kind if self.kind in ("websocket", "connect") else "http"
 
 
 SCENARIOS = [
@@ -39,6 +49,10 @@ SCENARIOS = [
              "wrk", "small", 5000, threads=2),
     Scenario("balancer", "balancer of two members, 128-byte responses, 50 connections",
              "wrk", "small", 50, members="pair"),
+    Scenario("websocket", "WebSocket echo of 128-byte messages, 50 connections "
+             "(round-trips/s)", "websocket", "ws", 50, members="ws"),
+    Scenario("connect", "one streamed download through a CONNECT tunnel", "connect",
+             "stream", metric="mbps"),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
 
@@ -57,14 +71,21 @@ class Env:
 
 
 def _members(scn: Scenario, b: Backends) -> list[int]:
+    if scn.members == "ws":
+        if not b.ws:
+            raise RuntimeError("no WebSocket echo backend was started")
+        return [b.ws]
     return {"one": b.members[:1], "pair": b.members, "sink": [b.sink]}[scn.members]
 
 
-def _check(scn: Scenario, port: int, b: Backends) -> None:
+def _check(scn: Scenario, port: int, b: Backends, tunnel_to: int | None) -> None:
+    if scn.kind == "websocket":
+        load.websocket_check(port, b.targets[scn.target])
+        return
     target = b.targets[scn.target] if scn.kind == "wrk" else b.targets["small"]
     if scn.kind == "upload":
         target = Target("/", 1)                  # the echo sink answers GET with JSON
-    status, size = load.fetch(port, target)
+    status, size = load.fetch(port, target, tunnel_to=tunnel_to)
     if status != 200 or size < target.size:
         raise RuntimeError(f"check request {target.path}: status {status}, {size} bytes")
 
@@ -75,22 +96,29 @@ def run(scn: Scenario, proxy: Proxy, env: Env, tag: str) -> dict:
     members = _members(scn, b)
     target = b.targets[scn.target]
     proc = sampler = None
+    tunnel_to = None                  # connect: the port the client CONNECTs to
     try:
         if proxy.name == "direct":
             port = members[0]
         else:
             port = free_port()
-            proc = proxy.start(env.workdir, port, members, tag)
+            proc = proxy.start(env.workdir, port, members, tag, mode=scn.mode)
             proc.wait_port(port)
-        _check(scn, port, b)
+            if scn.kind == "connect":
+                tunnel_to = members[0]
+        _check(scn, port, b, tunnel_to)
         if scn.kind == "wrk" and env.warmup > 0:
             load.wrk(env.wrk, port, target.path, scn.connections, env.warmup,
                      scn.threads, target.headers)
+        if scn.kind == "websocket" and env.warmup > 0:
+            load.websocket(port, target, scn.connections, env.warmup)
         if proc:
             sampler = MemorySampler(proc.pid, limit_kib=env.rss_limit_mib * 1024)
         if scn.kind == "wrk":
             result = load.wrk(env.wrk, port, target.path, scn.connections,
                               env.duration, scn.threads, target.headers)
+        elif scn.kind == "websocket":
+            result = load.websocket(port, target, scn.connections, env.duration)
         else:
             began = time.monotonic()
             deadline = began + env.stream_timeout(target.size)
@@ -101,8 +129,10 @@ def run(scn: Scenario, proxy: Proxy, env: Env, tag: str) -> dict:
                 if time.monotonic() > deadline:
                     return f"too slow, stopped after {deadline - began:.0f} s (under 20 MB/s)"
                 return None
-            transfer = load.download if scn.kind == "download" else load.upload
-            result = transfer(port, target, give_up)
+            if scn.kind == "upload":
+                result = load.upload(port, target, give_up)
+            else:
+                result = load.download(port, target, give_up, tunnel_to=tunnel_to)
         if proc and not proc.alive():
             raise RuntimeError("exited during the run")
     except Exception as e:

@@ -19,7 +19,8 @@ log = Logger(namespace="twistproxy.tunnel")
 
 class Tunnel:
     __slots__ = ("client", "backend", "timeout", "deadline", "last_activity", "clock",
-                 "up", "down", "closed", "client_eof", "backend_eof", "on_close", "where")
+                 "up", "down", "closed", "client_eof", "backend_eof", "on_close", "where",
+                 "request")
 
     def __init__(self, reactor, client, backend, timeout: float, where: str = "",
                  on_close=None):
@@ -36,6 +37,7 @@ class Tunnel:
         self.backend_eof = False
         self.on_close = on_close
         self.where = where
+        self.request = None             # logged when the tunnel closes, like Apache
 
     def start(self, from_client: bytes = b"", from_backend: bytes = b"") -> None:
         """Bytes either side sent past the handshake go first."""
@@ -114,6 +116,11 @@ class Tunnel:
         for t in (self.client.transport, self.backend.transport):
             t.unregisterProducer()
             t.loseConnection()
+        req = self.request
+        if req is not None:
+            # one access-log line for the whole tunnel: its duration, the bytes sent down
+            req.sent = self.down
+            self.client.ctx.log_access(self.client, req)
         if self.on_close is not None:
             self.on_close(self)
 

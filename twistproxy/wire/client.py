@@ -441,7 +441,7 @@ class ClientConnection(Protocol):
         self.tunnel = tunnel
         self.upgrading = False
         req.exchange = tunnel            # so the flow-control producer drives it
-        self.ctx.log_access(self, req)
+        tunnel.request = req             # logged when the tunnel closes
         early, self._upgrade_buf = b"".join(self._upgrade_buf), []
         self.paused = 0
         if self.read_closed:
