@@ -527,7 +527,6 @@ class _Loader:
 
     def forward_proxy(self, w: str, raw: dict) -> dict:
         """The forward-proxy keys of a vhost (mod_proxy_connect, ProxyRequests)."""
-        d = VhostConfig(server_name="")
         out: dict = {"proxy_requests": self.boolean(f"{w}.proxy_requests",
                                                      raw.get("proxy_requests", False))}
         if "allow_connect" in raw:

@@ -230,7 +230,7 @@ class ProxyContext:
         match = self.router.route_for(vhost, path, query.decode("latin-1") if q else None,
                                       req.header)
         if match is None:
-            return self.reject(conn, req, 404, "no route", vhost=vhost)
+            return self.reject(conn, req, 404, "no route")
         rt = req.route = self.routes[id(match.route)]
         if self._max_forwards_answered(conn, req):
             return
@@ -335,7 +335,7 @@ class ProxyContext:
         return conn.respond_error(req, 200, headers=[(b"Allow",
                                   b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")], body=b"")
 
-    def reject(self, conn, req, status: int, why: str, headers=(), vhost=None) -> None:
+    def reject(self, conn, req, status: int, why: str, headers=()) -> None:
         self.log_rejected(conn, req, status, why)
         conn.respond_error(req, status, headers=headers)
 

@@ -7,7 +7,6 @@ backends are plain sockets served from a thread. Everything started is stopped.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
