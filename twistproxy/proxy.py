@@ -19,7 +19,7 @@ from .handlers.reverse import ReverseExchange
 from .pool import Pool
 from .tls import client_options_for
 from .workers import Workers, longest
-from .routing import Router, normalize_path
+from .routing import Router, normalize_path, split_host
 from .wire.messages import HttpDate
 
 log = Logger(namespace="twistproxy")
@@ -82,12 +82,9 @@ class RouteRuntime:
 
 def _host_port(authority: bytes, default: int | None = None) -> tuple[str, int] | None:
     """`host:port` (IPv6 in brackets) as a CONNECT target or URL authority."""
-    text = authority.decode("latin-1").strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    host, port = split_host(authority.decode("latin-1").strip())
+    if host.startswith("["):
+        host = host[1:-1] if host.endswith("]") else ""
     if not port and default is not None:
         return (host, default) if host else None
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -305,8 +302,7 @@ class ProxyContext:
         port = tls_ports[0]
         host = (req.host or self.router.vhost_for(conn.listen_key, None)
                 .server_name.encode("idna"))
-        host = host.rsplit(b":", 1)[0] if host.count(b":") == 1 or \
-            host.startswith(b"[") and b"]:" in host else host
+        host = split_host(host.decode("latin-1"))[0].encode("latin-1")
         location = b"https://%s%s%s" % (host, b"" if port == 443 else b":%d" % port,
                                         req.target)
         conn.respond_error(req, 301, headers=[(b"Location", location)])

@@ -150,6 +150,19 @@ def _headers_match(headers, header: HeaderLookup) -> bool:
 # the router
 
 
+def split_host(value: str) -> tuple[str, str]:
+    """A Host value or URL authority as (host, port): an IPv6 literal keeps its
+    brackets, and port is "" when there is none."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return value, ""
+        rest = value[end + 1:]
+        return value[:end + 1], rest[1:] if rest.startswith(":") else ""
+    host, sep, port = value.rpartition(":")
+    return (host, port) if sep else (value, "")
+
+
 class _Listener:
     __slots__ = ("vhosts", "names", "cache")
 
@@ -168,12 +181,7 @@ class _Listener:
 
     def match(self, host: str) -> VhostConfig | None:
         """The vhost that names this host, or None (no fallback)."""
-        if host.startswith("["):
-            end = host.find("]")
-            name = host[:end + 1] if end > 0 else host
-        else:
-            name = host.partition(":")[0]
-        name = name.strip().lower()
+        name = split_host(host)[0].strip().lower()
         if name.endswith("."):
             name = name[:-1]
         for vhost, (exact, suffixes) in zip(self.vhosts, self.names):

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import alsoProvides
 
 from .. import headers as H
+from ..routing import split_host
 from .tunnel import Tunnel
 from ..wire.messages import serialize_headers
 
@@ -544,8 +545,7 @@ class ReverseExchange:
         """With preserve_host, a TLS backend is asked for the client's host name (SNI),
         as Apache does; otherwise the backend URL's own host."""
         if self.pool.tls and self.rt.vhost.preserve_host and self.req.host:
-            host = self.req.host.decode("latin-1")
-            host = host[1:].split("]")[0] if host.startswith("[") else host.split(":")[0]
+            host = split_host(self.req.host.decode("latin-1"))[0].strip("[]")
             return host.lower() or None
         return None
 
