@@ -15,47 +15,50 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f\x7f"\\]')
+# Apache's ap_escape_logitem: quote and backslash escaped, control characters and
+# bytes that are not printable ASCII as \xhh. Lines are bytes, so nothing is decoded.
+_NEEDS_ESCAPE = re.compile(rb'[\x00-\x1f\x7f-\xff"\\]')
 
 
-def _escape(match: re.Match) -> str:
+def _escape(match: re.Match) -> bytes:
     c = match.group()
-    return "\\" + c if c in '"\\' else f"\\x{ord(c):02x}"
+    return b"\\" + c if c in b'"\\' else b"\\x%02x" % c[0]
 
 
-def _quote(value: bytes | None) -> str:
+def _quote(value: bytes | None) -> bytes:
     """A request-supplied value made safe for one log line (as Apache escapes it)."""
     if not value:
-        return "-"
-    text = value.decode("latin-1")
-    if _NEEDS_ESCAPE.search(text):
-        text = _NEEDS_ESCAPE.sub(_escape, text)
-    return text
+        return b"-"
+    if _NEEDS_ESCAPE.search(value) is None:
+        return value
+    return _NEEDS_ESCAPE.sub(_escape, value)
 
 
 class AccessLog:
-    """Writes log lines to a text stream; `line()` formats, `flush()` pushes out."""
+    """Writes log lines to a file (buffered, flushed by the service) or to stdout."""
 
     def __init__(self, target: str = "-", clock=time.time):
         self.target = target
         self._clock = clock
         self._own = target != "-"
-        self._stream = open(target, "a", encoding="utf-8", buffering=65536) \
-            if self._own else None
+        self._stream = open(target, "ab", buffering=65536) if self._own else None
         self._stamp_second = -1
-        self._stamp = ""
+        self._stamp = b""
 
-    @property
-    def stream(self):
-        # stdout is looked up each time so test harnesses that swap it still see lines
-        return self._stream if self._own else sys.stdout
+    def _write(self, line: bytes) -> None:
+        if self._own:
+            self._stream.write(line)
+        else:
+            # stdout is looked up each time so test harnesses that swap it see lines
+            sys.stdout.write(line.decode("ascii"))
 
-    def _timestamp(self, now: float) -> str:
+    def _timestamp(self, now: float) -> bytes:
         second = int(now)
         if second != self._stamp_second:
             t = time.gmtime(second)
             self._stamp = (f"[{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
-                           f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000]")
+                           f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000]"
+                           ).encode("ascii")
             self._stamp_second = second
         return self._stamp
 
@@ -63,15 +66,15 @@ class AccessLog:
             referer: bytes | None, user_agent: bytes | None, started: float,
             backend: str, user: str = "-") -> None:
         now = self._clock()
-        micros = int((now - started) * 1_000_000)
-        self.stream.write(
-            f'{client_ip} - {user} {self._timestamp(now)} "{_quote(request_line)}" '
-            f'{status} {sent if sent else "-"} "{_quote(referer)}" "{_quote(user_agent)}" '
-            f'{micros} {backend or "-"}\n')
+        self._write(b'%s - %s %s "%s" %d %s "%s" "%s" %d %s\n' % (
+            client_ip.encode("ascii"), b"-" if user == "-" else _quote(user.encode("utf-8")),
+            self._timestamp(now), _quote(request_line), status,
+            b"%d" % sent if sent else b"-", _quote(referer), _quote(user_agent),
+            int((now - started) * 1_000_000), backend.encode("latin-1") if backend else b"-"))
 
     def flush(self) -> None:
         try:
-            self.stream.flush()
+            (self._stream if self._own else sys.stdout).flush()
         except (OSError, ValueError):
             pass
 

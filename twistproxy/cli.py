@@ -88,7 +88,20 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _install_reactor()
     return args.func(args)
+
+
+def _install_reactor() -> None:
+    """The proxy's epoll reactor where there is epoll and no reactor is installed yet
+    (twistproxy/reactor.py); otherwise Twisted's default for the platform."""
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        from .reactor import install
+    except ImportError:          # no epoll (Windows, macOS): Twisted's default
+        return
+    install()
 
 
 if __name__ == "__main__":

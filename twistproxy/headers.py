@@ -41,6 +41,7 @@ _RESPONSE_DROP = HOP_BY_HOP - {b"proxy-authorization"} | {b"content-length"}
 _NOT_LISTED = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 _XFF, _XFH, _XFS, _VIA = b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-server", b"via"
+_PROTO_PORT = frozenset((b"x-forwarded-proto", b"x-forwarded-port"))
 _CANONICAL = {_XFF: b"X-Forwarded-For", _XFH: b"X-Forwarded-Host",
               _XFS: b"X-Forwarded-Server", _VIA: b"Via"}
 
@@ -79,7 +80,8 @@ def _lists_trailers(te_value: bytes) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _request_plan(keep_upgrade: bool, chain_auth: bool, add_headers: bool, via: str):
+def _request_plan(keep_upgrade: bool, chain_auth: bool, add_headers: bool, via: str,
+                  proto_port: bool = False):
     """(names to drop, names whose existing values are merged) for one combination of
     settings; cached so the hot path does no set arithmetic."""
     if via not in _VIA_MODES:
@@ -91,6 +93,8 @@ def _request_plan(keep_upgrade: bool, chain_auth: bool, add_headers: bool, via: 
         drop.discard(b"proxy-authorization")
     if via == "block":
         drop.add(_VIA)
+    if proto_port:
+        drop |= _PROTO_PORT            # replaced, never appended: they cannot be forged
     merge = {_XFF, _XFH, _XFS} if add_headers else set()
     if via in ("on", "full"):
         merge.add(_VIA)
@@ -135,14 +139,18 @@ def _collect(merged: dict, low: bytes, name: bytes, value: bytes) -> None:
 def request_to_backend(headers, *, client_ip: str, backend_hostport: bytes,
                        preserve_host: bool, add_headers: bool, server_name: bytes, via: str,
                        via_name: bytes, client_version: bytes, proxy_chain_auth: bool = False,
-                       keep_upgrade: bool = False) -> tuple[list, bytes | None]:
+                       keep_upgrade: bool = False, forwarded_proto: bytes = b"",
+                       forwarded_port: int = 0) -> tuple[list, bytes | None]:
     """The headers the backend receives, minus framing (the caller adds Content-Length or
     Transfer-Encoding, Connection, and Expect when it forwards 100-continue).
 
     Returns (headers, the client's first Host value or None). Host comes first; merged
     X-Forwarded-* and Via headers come last; everything else keeps order and name bytes.
+    With add_headers and a `forwarded_proto`, X-Forwarded-Proto and X-Forwarded-Port
+    say how the client reached us (any the client sent are dropped).
     """
-    drop, merge = _request_plan(keep_upgrade, proxy_chain_auth, add_headers, via)
+    proto_port = add_headers and bool(forwarded_proto)
+    drop, merge = _request_plan(keep_upgrade, proxy_chain_auth, add_headers, via, proto_port)
     out: list = [None]               # slot 0 is Host, known only after the loop
     host = None
     tokens: set = set()
@@ -177,6 +185,9 @@ def request_to_backend(headers, *, client_ip: str, backend_hostport: bytes,
             if values:
                 out.append((name, b", ".join(values)))
         _append_merged(out, merged, _XFS, server_name)
+        if proto_port:
+            out.append((b"X-Forwarded-Proto", forwarded_proto))
+            out.append((b"X-Forwarded-Port", b"%d" % forwarded_port))
     if _VIA in merge:
         _append_merged(out, merged, _VIA, _via_entry(via, client_version, via_name))
     return out, host

@@ -24,6 +24,10 @@ from .wire.messages import HttpDate
 
 log = Logger(namespace="twistproxy")
 
+# How many (listener, Host, target) routing answers are remembered, for targets up to
+# 512 bytes; Host and target are client-chosen, so the table is emptied when full.
+_ROUTED_MAX = 4096
+
 
 class RouteRuntime:
     """A route with everything the request path needs, resolved at start-up."""
@@ -123,6 +127,7 @@ class ProxyContext:
         self.reactor = reactor
         self.access_log = access_log
         self.router = Router(config)
+        self._routed: dict = {}          # see _route()
         self.http_date = HttpDate(reactor.seconds)
         self.server_header = H.server_header(config.server.server_tokens)
         s = config.server
@@ -219,23 +224,41 @@ class ProxyContext:
                                       body=b"")
         else:
             return self.reject(conn, req, 400, "bad request target")
+        key = (conn.listen_key, req.host, raw_path, query)
+        routed = self._routed.get(key)
+        if routed is None:
+            routed = self._route(conn, req, raw_path, query if q else None, key)
+            if routed is None:
+                return
+        rt, target_bytes, pool = routed
+        req.route = rt
+        if self._max_forwards_answered(conn, req):
+            return
+        if rt.balancer is not None:
+            return self._dispatch_balanced(conn, req, rt, target_bytes)
+        ReverseExchange(self, conn, req, rt, target_bytes, pool, rt.backend_name).start()
+
+    def _route(self, conn, req, raw_path: bytes, query: bytes | None, key):
+        """(route runtime, backend target, pool) for a request, or None once answered
+        with 400/404. Remembered for the next request with the same listener, Host and
+        target, unless the vhost routes on other headers (match_headers)."""
         host = req.host.decode("latin-1") if req.host is not None else None
         vhost = self.router.vhost_for(conn.listen_key, host)
         path = normalize_path(raw_path.decode("latin-1"))
         if path is None:
             return self.reject(conn, req, 400, "invalid path")
-        match = self.router.route_for(vhost, path, query.decode("latin-1") if q else None,
-                                      req.header)
+        match = self.router.route_for(vhost, path, query.decode("latin-1")
+                                      if query is not None else None, req.header)
         if match is None:
             return self.reject(conn, req, 404, "no route")
-        rt = req.route = self.routes[id(match.route)]
-        if self._max_forwards_answered(conn, req):
-            return
-        target_bytes = match.target.encode("latin-1")
-        if rt.balancer is not None:
-            return self._dispatch_balanced(conn, req, rt, target_bytes)
-        ReverseExchange(self, conn, req, rt, target_bytes, rt.pool_for(target_bytes),
-                        rt.backend_name).start()
+        rt = self.routes[id(match.route)]
+        target = match.target.encode("latin-1")
+        routed = (rt, target, rt.pool_for(target) if rt.balancer is None else None)
+        if len(raw_path) + len(query or b"") <= 512 and not self.router.reads_headers(vhost):
+            if len(self._routed) >= _ROUTED_MAX:
+                self._routed.clear()    # targets are client-chosen: bounded
+            self._routed[key] = routed
+        return routed
 
     def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes,
                            waited_until: float | None = None) -> None:

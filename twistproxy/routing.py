@@ -223,6 +223,11 @@ class Router:
         absolute-form request for any other host is a forward-proxy request."""
         return self._listeners[listener_key].match(host) is not None
 
+    def reads_headers(self, vhost: VhostConfig) -> bool:
+        """Whether this vhost's routing looks at request headers (match_headers), so
+        that the same host and target may route differently."""
+        return any(r.headers for r in self._routes[id(vhost)][1])
+
     def route_for(self, vhost: VhostConfig, path: str, query: str | None,
                   header: HeaderLookup) -> RouteMatch | None:
         entry = self._routes.get(id(vhost))

@@ -28,7 +28,6 @@ _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 REPLAY_LIMIT = 65536
 
 _EXPECT_100 = b"Expect: 100-continue\r\n"
-_FORWARDED_PROTO_PORT = frozenset((b"x-forwarded-proto", b"x-forwarded-port"))
 _CONNECTION_AUTH = (b"ntlm", b"negotiate")
 
 
@@ -129,14 +128,10 @@ class ReverseExchange:
             backend_hostport=self.pool.hostport, preserve_host=vh.preserve_host,
             add_headers=vh.add_headers, server_name=rt.server_name, via=vh.proxy_via,
             via_name=rt.via_name, client_version=req.version,
-            proxy_chain_auth=vh.proxy_chain_auth, keep_upgrade=bool(self.upgrade))
+            proxy_chain_auth=vh.proxy_chain_auth, keep_upgrade=bool(self.upgrade),
+            forwarded_proto=self.conn.scheme, forwarded_port=self.conn.local_port)
         if self.upgrade:
             hdrs.append((b"Connection", b"Upgrade"))
-        if vh.add_headers:
-            # how the client reached us; replaced, never appended, so it cannot be forged
-            hdrs = [h for h in hdrs if h[0].lower() not in _FORWARDED_PROTO_PORT]
-            hdrs.append((b"X-Forwarded-Proto", self.conn.scheme))
-            hdrs.append((b"X-Forwarded-Port", b"%d" % self.conn.local_port))
         framing = b""
         if req.has_body:
             codings = H.transfer_codings(req.headers)

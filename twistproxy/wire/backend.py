@@ -69,6 +69,9 @@ class BackendConnection(Protocol):
         self._trailers: list | None = None
         self._reason = b""
         self._interim = False
+        # llhttp is at a message boundary after a complete response, so the next
+        # request's response can go to the same parser (not after HEAD: see below)
+        self._parser_ready = False
 
     # -- connection life -------------------------------------------------------
 
@@ -115,7 +118,9 @@ class BackendConnection(Protocol):
         self._head_method = is_head
         self._close_delimited = False
         self._in_body = False
-        self.parser = httptools.HttpResponseParser(self)
+        if not self._parser_ready:
+            self.parser = httptools.HttpResponseParser(self)
+        self._parser_ready = False
         self.write(head)
 
     def write(self, data: bytes) -> None:
@@ -241,16 +246,22 @@ class BackendConnection(Protocol):
         self._in_body = True
         length = None
         chunked = False
-        codings = transfer_codings(self._headers)
+        coded = False
+        for n, v in self._headers:
+            # the lengths of b"content-length" and b"transfer-encoding" spare a lower()
+            k = len(n)
+            if k == 14 and n.lower() == b"content-length":
+                length = int(v)
+            elif k == 17 and n.lower() == b"transfer-encoding":
+                coded = True
+        codings = transfer_codings(self._headers) if coded else []
         if codings:
             # llhttp has framed the body by them: chunked last, else read until close.
             # Codings before chunked (gzip, ...) describe the body and travel with it.
+            # (llhttp refuses Content-Length with Transfer-Encoding.)
             chunked = codings[-1] == b"chunked"
             codings = codings[:-1] if chunked else codings
-        else:
-            for n, v in self._headers:
-                if n.lower() == b"content-length":
-                    length = int(v)
+            length = None
         if not p.should_keep_alive():
             self.reusable = False
         bodyless = self._head_method or status in _BODYLESS_STATUS
@@ -278,6 +289,7 @@ class BackendConnection(Protocol):
             return
         self._done = True
         self._complete_pending = True
+        self._parser_ready = True
 
 
 class _Unexpected101(Exception):

@@ -34,6 +34,8 @@ LINGER_SECONDS = 2.0
 # host [":" port] where host is a name, an IPv4 address or a bracketed IPv6 literal;
 # anything else (userinfo, a path, spaces) could end up in a rewritten Location
 _VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]{1,5})?").fullmatch
+_valid_hosts: set[bytes] = set()      # Host values already checked: most repeat
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 _CHUNK_END = b"\r\n"
 # after these the request cannot be trusted to have been read right: close, as Apache
@@ -340,7 +342,8 @@ class ClientConnection(Protocol):
         req = self.cur
         p = self.parser
         req.method = p.get_method()
-        req.version = p.get_http_version().encode("ascii")
+        version = p.get_http_version()
+        req.version = _VERSIONS.get(version) or version.encode("ascii")
         req.keep_alive = p.should_keep_alive()
         req.upgrade = p.should_upgrade()
         hosts = []
@@ -353,9 +356,14 @@ class ClientConnection(Protocol):
         if len(hosts) > 1:
             raise Reject(400, "more than one Host header")
         if hosts:
-            if not _VALID_HOST(hosts[0]):
-                raise Reject(400, "malformed Host header")
-            req.host = hosts[0]
+            host = hosts[0]
+            if host not in _valid_hosts:
+                if not _VALID_HOST(host):
+                    raise Reject(400, "malformed Host header")
+                if len(_valid_hosts) >= 1024:
+                    _valid_hosts.clear()    # client-chosen: bounded
+                _valid_hosts.add(host)
+            req.host = host
         elif req.version == b"1.1":
             raise Reject(400, "HTTP/1.1 request without Host")
         req.in_body = True           # from here on, on_header means trailers
@@ -520,10 +528,10 @@ class ClientConnection(Protocol):
         ctx = self.ctx
         has_date = has_server = False
         for n, _ in headers:
-            ln = n.lower()
-            if ln == b"date":
+            k = len(n)               # spares a lower() for most names
+            if k == 4 and n.lower() == b"date":
                 has_date = True
-            elif ln == b"server":
+            elif k == 6 and n.lower() == b"server":
                 has_server = True
         if not has_date:
             extra.append(b"Date: %s\r\n" % ctx.http_date())

@@ -42,7 +42,9 @@ def error_body(status: int) -> bytes:
 
 def serialize_headers(headers) -> bytes:
     """`Name: value\\r\\n` for each pair, in order."""
-    return b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    if not headers:
+        return b""
+    return b"\r\n".join([b": ".join(pair) for pair in headers]) + b"\r\n"
 
 
 class HttpDate:
