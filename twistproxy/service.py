@@ -13,6 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ConfigError
 from .listeners import BindError, BoundSocket, bind_all
@@ -55,6 +56,8 @@ class ProxyService(MultiService):
         # and let each request's many short-lived objects die young without full passes.
         gc.freeze()
         gc.set_threshold(20000, 20, 20)
+        log.info("twistproxy {version} on {reactor}", version=__version__,
+                 reactor=type(self.reactor).__name__)
         for b in self.bound:
             tls = self.tls.get(b.listen.key)
             factory = ClientFactory(self.ctx, b.listen.key, b"https" if tls else b"http",

@@ -77,6 +77,8 @@ listen = ["127.0.0.3:{port}"]
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
     finally:
         assert proxy.stop() == 0
+    # `twistproxy run` installs the proxy's own epoll reactor (twistproxy/reactor.py)
+    assert "twistproxy 0." in proxy.log() and " on ProxyReactor" in proxy.log()
 
 
 def test_wildcard_listener_serves_every_loopback_address(tmp_path, echoes):
@@ -222,7 +224,8 @@ def test_twistd_plugin_is_listed():
     assert "twistproxy" in result.stdout
 
 
-def test_twistd_runs_the_service_and_stops_on_sigterm(tmp_path, echoes):
+@pytest.mark.parametrize("reactor", [None, "twistproxy"])
+def test_twistd_runs_the_service_and_stops_on_sigterm(tmp_path, echoes, reactor):
     port = free_port()
     cfg = tmp_path / "t.toml"
     cfg.write_text(f"""
@@ -239,7 +242,8 @@ server_name = "t"
 """)
     logfile = tmp_path / "twistd.log"
     pidfile = tmp_path / "twistd.pid"
-    proc = subprocess.Popen(["twistd", "-n", "--logfile", str(logfile), "--pidfile",
+    chosen = [f"--reactor={reactor}"] if reactor else []
+    proc = subprocess.Popen(["twistd", "-n", *chosen, "--logfile", str(logfile), "--pidfile",
                              str(pidfile), "twistproxy", "--config", str(cfg)], cwd=tmp_path)
     try:
         wait_port("127.0.0.1", port, proc=proc)
@@ -255,6 +259,8 @@ server_name = "t"
     assert "listening on 127.0.0.1" in log
     assert "Main loop terminated" in log and "Traceback" not in log
     assert not pidfile.exists()
+    if reactor:
+        assert "reactor class: twistproxy.reactor.ProxyReactor" in log
 
 
 def test_twistd_bad_config_is_one_line_exit_2(tmp_path):
