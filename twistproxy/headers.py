@@ -162,8 +162,8 @@ def request_to_backend(headers, *, client_ip: str, backend_hostport: bytes,
             if low == b"host":
                 if host is None:
                     host = value
-            elif low == b"connection":
-                _add_tokens(tokens, value)
+            elif low == b"connection" and value.lower() not in _NOT_LISTED:
+                _add_tokens(tokens, value)     # it names more than close/keep-alive
             elif low == b"te" and not te_sent and _lists_trailers(value):
                 # the one TE a proxy may pass on: the backend may then send trailers
                 te_sent = True
@@ -208,8 +208,8 @@ def response_to_client(headers, *, via: str, via_name: bytes, backend_version: b
     for name, value in headers:
         low = name.lower()
         if low in drop:
-            if low == b"connection":
-                _add_tokens(tokens, value)
+            if low == b"connection" and value.lower() not in _NOT_LISTED:
+                _add_tokens(tokens, value)     # it names more than close/keep-alive
             continue
         if low in merge:
             _collect(merged, low, name, value)

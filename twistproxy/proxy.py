@@ -375,15 +375,8 @@ class ProxyContext:
     def log_access(self, conn, req) -> None:
         if self.access_log is None:
             return
-        referer = ua = None
-        for n, v in req.headers:
-            ln = n.lower()
-            if ln == b"referer":
-                referer = v
-            elif ln == b"user-agent":
-                ua = v
-        self.access_log.log(conn.peer_ip, req.request_line, req.status, req.sent, referer,
-                            ua, req.started, req.backend, req.user)
+        self.access_log.log(conn.peer_ip, req.request_line, req.status, req.sent,
+                            req.referer, req.user_agent, req.started, req.backend, req.user)
 
     def connection_made(self, conn) -> None:
         self.connections.add(conn)

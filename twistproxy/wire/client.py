@@ -57,7 +57,8 @@ class Request:
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade",
                  "host", "has_body", "complete", "body", "exchange", "started",
                  "status", "sent", "backend", "head_sent", "chunked_out", "bodyless_out",
-                 "local", "url_len", "trailers", "user", "in_body", "route")
+                 "local", "url_len", "trailers", "user", "in_body", "route", "referer",
+                 "user_agent")
 
     def __init__(self, started: float):
         self.started = started
@@ -84,6 +85,8 @@ class Request:
         self.user = "-"
         self.in_body = False
         self.route = None                     # the route's runtime, once routed
+        self.referer: bytes | None = None
+        self.user_agent: bytes | None = None
 
     def header(self, lname: str) -> str | None:
         """Value of a header by lower-case name, repeated ones joined with ', '."""
@@ -351,6 +354,10 @@ class ClientConnection(Protocol):
             ln = n.lower()
             if ln == b"host":
                 hosts.append(v)
+            elif ln == b"user-agent":
+                req.user_agent = v            # for the access log
+            elif ln == b"referer":
+                req.referer = v
             elif ln == b"content-length" or ln == b"transfer-encoding":
                 req.has_body = req.method != b"CONNECT"   # after CONNECT: tunnel bytes
         if len(hosts) > 1:
@@ -556,6 +563,7 @@ class ClientConnection(Protocol):
             else:
                 self.out(_LAST_CHUNK)
         req.exchange = None
+        self.uncork()                    # the client has it all before our bookkeeping
         if req.complete:
             self._finish(req)
         elif not req.keep_alive:
