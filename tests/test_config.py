@@ -125,6 +125,10 @@ ERRORS = [
       id="server-limit-fieldsize"),
     E(doc(top="[server]\nlimit_request_fields = 1.5\n"), "server.limit_request_fields", "1.5",
       "must be a whole number from 1 to 10000", id="server-limit-fields-float"),
+    E(doc(top="[server]\nbusy_poll = -1\n"), "server.busy_poll", "-1",
+      "must be a whole number from 0 to 10000", id="server-busy-poll-negative"),
+    E(doc(top="[server]\nbusy_poll = 0.5\n"), "server.busy_poll", "0.5",
+      "must be a whole number from 0 to 10000", id="server-busy-poll-float"),
 
     # -- [[listen]] --------------------------------------------------------------
     E(doc(listeners='[[listen]]\nadress = "127.0.0.1"\nport = 8080\n'), "listen[0].adress",
@@ -598,6 +602,8 @@ def test_defaults():
         (60.0, 5.0, 20.0)
     assert (cfg.server.limit_request_line, cfg.server.limit_request_fieldsize,
             cfg.server.limit_request_fields) == (8190, 8190, 100)
+    assert cfg.server.busy_poll == 100
+    assert ok(doc(ROUTE, top="[server]\nbusy_poll = 0\n")).server.busy_poll == 0
     v = cfg.vhosts[0]
     assert v == VhostConfig("localhost", routes=v.routes)
     assert (v.preserve_host, v.add_headers, v.proxy_via, v.proxy_chain_auth) == \

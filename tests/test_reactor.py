@@ -135,3 +135,114 @@ def _writer_hang_up(reactor_class) -> list:
 def test_hang_up_of_a_writer_only_descriptor_is_handled_as_twisted_does():
     ours = _writer_hang_up(ProxyReactor)
     assert ours and ours == _writer_hang_up(EPollReactor)
+
+
+# -- busy polling: the window's adaptation, with a scripted poller and clock -----------
+
+
+class ScriptedPoller:
+    """Stands in for epoll: each poll() consumes one step, (seconds it takes, events),
+    and advances the shared clock by that much."""
+
+    def __init__(self, clock, steps):
+        self.clock = clock
+        self.steps = list(steps)
+        self.calls: list = []
+
+    def poll(self, timeout, maxevents):
+        self.calls.append(timeout)
+        took, events = self.steps.pop(0) if self.steps else (1e-6, [])
+        self.clock.now += took
+        return events
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def spinner(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("twistproxy.reactor.monotonic", clock)
+    r = ProxyReactor()
+    real = r._poller
+    r.busy_poll = 100e-6
+
+    def script(*steps):
+        r._poller = ScriptedPoller(clock, steps)
+        return r._poller
+
+    yield r, script
+    real.close()
+
+
+EVENT = [(999, 1)]          # an fd the reactor does not know: dispatch skips it
+
+
+def test_busy_poll_off_never_polls_without_sleeping(spinner):
+    r, script = spinner
+    r.busy_poll = 0.0
+    poller = script((30e-6, EVENT), (30e-6, EVENT))
+    r.doPoll(5)
+    r.doPoll(5)
+    assert poller.calls == [5, 5] and r._window == 0.0
+
+
+def test_window_grows_while_waits_end_soon_and_caps_at_busy_poll(spinner):
+    r, script = spinner
+    poller = script((30e-6, EVENT))            # window 0: a plain wait, answered in 30us
+    r.doPoll(5)
+    assert poller.calls == [5] and r._window == pytest.approx(10e-6)
+    widths = []
+    for _ in range(4):
+        # the spin (one poll(0) that takes the whole window) misses; the wait is short
+        script((r._window, []), (10e-6, EVENT))
+        r.doPoll(5)
+        widths.append(round(r._window * 1e6))
+    assert widths == [20, 40, 80, 100]
+    # at the cap, a wait that ends only after the whole window counts as a long one
+    script((r._window, []), (10e-6, EVENT))
+    r.doPoll(5)
+    assert r._window == pytest.approx(50e-6)
+
+
+def test_an_event_caught_while_spinning_returns_without_sleeping(spinner):
+    r, script = spinner
+    r._window = 40e-6
+    poller = script((5e-6, []), (5e-6, EVENT))
+    r.doPoll(5)
+    assert poller.calls == [0, 0]              # never a sleeping poll
+    assert r._window == pytest.approx(40e-6)   # a hit leaves the window alone
+
+
+def test_long_waits_shrink_the_window_to_nothing(spinner):
+    r, script = spinner
+    r._window = 80e-6
+    widths = []
+    for _ in range(4):
+        script((r._window, []), (2e-3, EVENT))  # a slow backend: 2 ms
+        r.doPoll(5)
+        widths.append(round(r._window * 1e6))
+    assert widths == [40, 20, 10, 0]
+    poller = script((2e-3, EVENT))
+    r.doPoll(5)
+    assert poller.calls == [5]                 # no window: straight to sleep
+
+
+def test_spinning_respects_the_reactor_timeout(spinner):
+    r, script = spinner
+    r._window = 20e-6
+    poller = script((20e-6, []), (0.0, []))
+    r.doPoll(50e-6)                            # a timer is due in 50us
+    # a 20us spin, then a sleeping poll for the 30us left
+    assert poller.calls[0] == 0 and poller.calls[1] == pytest.approx(30e-6, abs=1e-9)
+    r._window = 100e-6
+    poller = script((40e-6, []), (0.0, []))
+    r.doPoll(40e-6)                            # the window is cut to the 40us
+    assert poller.calls == [0, 0]
+    poller = script()
+    r.doPoll(0)                                # timers due now: no spinning at all
+    assert poller.calls == [0]

@@ -202,6 +202,7 @@ class ServerConfig:
     limit_request_line: int = 8190
     limit_request_fieldsize: int = 8190
     limit_request_fields: int = 100
+    busy_poll: int = 100                # microseconds at most; 0: off (reactor.py)
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,8 @@ class _Loader:
             limit_request_fields=self.integer(
                 f"{w}.limit_request_fields",
                 raw.get("limit_request_fields", d.limit_request_fields), 1, 10000),
+            busy_poll=self.integer(f"{w}.busy_poll", raw.get("busy_poll", d.busy_poll),
+                                   0, 10000),
         )
 
     def listener(self, w: str, raw: Any) -> ListenConfig:

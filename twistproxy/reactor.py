@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from time import monotonic
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST, installReactor
@@ -31,14 +32,27 @@ _OUT = EPollReactor._POLL_OUT
 _GONE = EPollReactor._POLL_DISCONNECTED
 
 
+# Adaptive busy polling, after Linux's cpuidle-haltpoll governor: the spin window
+# grows (from _GROW_START, doubling) while waits end within busy_poll, and halves
+# (to nothing below _GROW_START) when a wait outlasts it.
+_GROW_START = 10e-6
+
+
 class ProxyReactor(EPollReactor):
-    """EPollReactor whose doPoll dispatches events without a log context per event."""
+    """EPollReactor whose doPoll dispatches events without a log context per event,
+    and that can poll for a while before sleeping (`busy_poll`, seconds; 0 is off)."""
+
+    busy_poll = 0.0
+    _window = 0.0
 
     def doPoll(self, timeout):
         if timeout is None:
             timeout = -1
         try:
-            events = self._poller.poll(timeout, len(self._selectables))
+            if self.busy_poll and timeout != 0:
+                events = self._spin_then_wait(timeout)
+            else:
+                events = self._poller.poll(timeout, len(self._selectables))
         except OSError as err:
             if err.errno == errno.EINTR:
                 return
@@ -75,6 +89,35 @@ class ProxyReactor(EPollReactor):
                 self._disconnectSelectable(selectable, why, in_read)
 
     doIteration = doPoll
+
+    def _spin_then_wait(self, timeout: float):
+        """Poll without sleeping for the current window, then sleep, and adapt the
+        window to how long the wait turned out to be. An idle CPU of a virtual machine
+        can take tens of microseconds to wake (its halt goes through the hypervisor);
+        a peer that answers within the window finds us awake. Waits that outlast
+        busy_poll (an idle proxy, a slow backend) shrink the window to nothing, so the
+        CPU spent on spinning follows the traffic that gains from it."""
+        poll = self._poller.poll
+        size = len(self._selectables)
+        start = now = monotonic()
+        window = self._window
+        if window:
+            until = start + window if timeout < 0 else start + min(window, timeout)
+            while now < until:
+                events = poll(0, size)
+                if events:
+                    return events           # caught awake: the window stays
+                now = monotonic()
+            if timeout >= 0:
+                timeout = max(0.0, timeout - (now - start))
+        events = poll(timeout, size)
+        if events:
+            waited = monotonic() - start
+            if waited <= self.busy_poll:    # a wider window would have caught it
+                self._window = min(self.busy_poll, max(_GROW_START, window * 2))
+            elif window:
+                self._window = window / 2 if window >= 2 * _GROW_START else 0.0
+        return events
 
 
 def install():

@@ -56,8 +56,16 @@ class ProxyService(MultiService):
         # and let each request's many short-lived objects die young without full passes.
         gc.freeze()
         gc.set_threshold(20000, 20, 20)
+        busy_poll = self.config.server.busy_poll
+        reactor_name = type(self.reactor).__name__
+        if hasattr(self.reactor, "busy_poll"):
+            self.reactor.busy_poll = busy_poll / 1e6
+            reactor_name += f" (busy_poll {busy_poll}us)" if busy_poll else " (busy_poll off)"
+        elif busy_poll:
+            log.info("server.busy_poll does not apply: it needs the twistproxy reactor "
+                     "(twistd --reactor=twistproxy), not {reactor}", reactor=reactor_name)
         log.info("twistproxy {version} on {reactor}", version=__version__,
-                 reactor=type(self.reactor).__name__)
+                 reactor=reactor_name)
         for b in self.bound:
             tls = self.tls.get(b.listen.key)
             factory = ClientFactory(self.ctx, b.listen.key, b"https" if tls else b"http",

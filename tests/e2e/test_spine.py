@@ -78,7 +78,7 @@ listen = ["127.0.0.3:{port}"]
     finally:
         assert proxy.stop() == 0
     # `twistproxy run` installs the proxy's own epoll reactor (twistproxy/reactor.py)
-    assert "twistproxy 0." in proxy.log() and " on ProxyReactor" in proxy.log()
+    assert "twistproxy 0." in proxy.log() and " on ProxyReactor (busy_poll 100us)" in proxy.log()
 
 
 def test_wildcard_listener_serves_every_loopback_address(tmp_path, echoes):
@@ -261,6 +261,9 @@ server_name = "t"
     assert not pidfile.exists()
     if reactor:
         assert "reactor class: twistproxy.reactor.ProxyReactor" in log
+        assert "on ProxyReactor (busy_poll 100us)" in log
+    else:
+        assert "server.busy_poll does not apply: it needs the twistproxy reactor" in log
 
 
 def test_twistd_bad_config_is_one_line_exit_2(tmp_path):
