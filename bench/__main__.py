@@ -141,9 +141,10 @@ def plan(args) -> tuple[list, list, list[str]]:
 
 
 def skipped(scn, proxy) -> bool:
-    """A pairing plan() noted as not run."""
+    """A pairing plan() noted as not run, or outside a variant's own scenarios."""
     return ((scn.members == "pair" and not proxy.balancer)
-            or proxy.unsupported(scn.mode) is not None)
+            or proxy.unsupported(scn.mode) is not None
+            or bool(proxy.only) and scn.name not in proxy.only)
 
 
 def measure(args, scns, proxies, workdir: Path) -> tuple[str, dict]:

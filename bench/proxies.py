@@ -29,6 +29,7 @@ class Proxy:
     balancer = True          # can put two members behind one route
     notes = ""               # how its settings differ from the others'
     cannot: dict[str, str] = {}     # mode -> why this proxy cannot run in it
+    only: tuple[str, ...] = ()      # when set, the only scenarios it runs in
 
     def available(self) -> str | None:
         return None
@@ -52,6 +53,7 @@ class Direct(Proxy):
 
 class TwistProxy(Proxy):
     name, label = "twistproxy", "twistproxy (1 process)"
+    server = ""                       # extra [server] lines
 
     def start(self, workdir, port, members, tag, mode="http"):
         conf = workdir / f"{tag}.toml"
@@ -59,7 +61,7 @@ class TwistProxy(Proxy):
 [server]
 access_log = "{workdir / (tag + '.access.log')}"
 keepalive_timeout = 300
-
+{self.server}
 [[listen]]
 address = "127.0.0.1"
 port = {port}
@@ -136,6 +138,14 @@ http {{
 }}
 """)
         return Proc(tag, [find_tool("nginx"), "-p", str(d), "-c", str(conf)], workdir)
+
+
+class TwistProxyNoSpin(TwistProxy):
+    """The same with adaptive busy polling off, to show what it does to latency."""
+    name, label = "twistproxy-nospin", "twistproxy, busy_poll = 0"
+    server = "busy_poll = 0\n"
+    notes = "busy_poll = 0: sleeps in epoll at once, as nginx and Apache do"
+    only = ("small", "latency")
 
 
 class HAProxy(Proxy):
@@ -294,5 +304,6 @@ class ProxyPy(Proxy):
         ], workdir, env={**os.environ, "BENCH_BACKEND_PORT": str(members[0])})
 
 
-ALL = [Direct(), TwistProxy(), Nginx(), HAProxy(), Apache(), TwistedWeb(), ProxyPy()]
+ALL = [Direct(), TwistProxy(), TwistProxyNoSpin(), Nginx(), HAProxy(), Apache(), TwistedWeb(),
+       ProxyPy()]
 BY_NAME = {p.name: p for p in ALL}

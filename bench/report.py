@@ -95,13 +95,13 @@ def targets(summaries: dict[str, dict[str, dict]], stream_note: str) -> list[dic
     def add(name, status, detail):
         out.append({"target": name, "status": status, "detail": detail})
 
-    def vs(scn, other, metric, want, better_high, what, unit="req/s"):
+    def vs(scn, other, metric, want, better_high, what, unit="req/s", mine=OURS):
         """want None: no target, the ratio is reported ("info")."""
         s = summaries.get(scn, {})
-        ours, theirs = s.get(OURS, {}), s.get(other, {})
+        ours, theirs = s.get(mine, {}), s.get(other, {})
         if metric not in ours or metric not in theirs:
             return add(what, "skipped", f"no {scn} result for "
-                       f"{'twistproxy' if metric not in ours else other}")
+                       f"{mine if metric not in ours else other}")
         r = ours[metric] / theirs[metric]
         met = want is None or (r >= want if better_high else r <= want)
         fmt = {"rps": lambda v: f"{v:.0f} {unit}",
@@ -109,7 +109,7 @@ def targets(summaries: dict[str, dict[str, dict]], stream_note: str) -> list[dic
         logged = f" (access log: {ours['access_log_lines']} lines)" \
             if scn == "small" and other == "apache" and "access_log_lines" in ours else ""
         add(what, "info" if want is None else "met" if met else "NOT MET",
-            f"twistproxy {fmt(ours[metric])} vs {other} {fmt(theirs[metric])} = {r:.2f}x"
+            f"{mine} {fmt(ours[metric])} vs {other} {fmt(theirs[metric])} = {r:.2f}x"
             + logged)
 
     vs("small", "apache", "rps", 1.0, True, "small: req/s >= Apache mod_proxy's (1.0x)")
@@ -117,6 +117,9 @@ def targets(summaries: dict[str, dict[str, dict]], stream_note: str) -> list[dic
     vs("small", "proxy.py", "rps", 4.0, True, "small: req/s >= 4x proxy.py's")
     vs("small", "twisted", "rps", 6.0, True, "small: req/s >= 6x twisted.web.proxy's")
     vs("latency", "nginx", "p50_ms", 1.3, False, "latency: p50 at 1 connection <= 1.3x nginx's")
+    vs("latency", "nginx", "p50_ms", None, False,
+       "latency: p50 at 1 connection with busy_poll = 0, vs nginx's (no target)",
+       mine="twistproxy-nospin")
     for scn, limit in (("download", 64), ("upload", 64), ("clients", 250)):
         what = f"{scn}: peak RSS <= {limit} MiB" + (stream_note if scn != "clients" else "")
         ours = summaries.get(scn, {}).get(OURS, {})

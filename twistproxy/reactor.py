@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from os import sched_yield as yield_cpu
 from time import monotonic
 
 from twisted.internet.epollreactor import EPollReactor
@@ -107,6 +108,7 @@ class ProxyReactor(EPollReactor):
                 events = poll(0, size)
                 if events:
                     return events           # caught awake: the window stays
+                yield_cpu()                 # a peer waiting for this CPU goes first
                 now = monotonic()
             if timeout >= 0:
                 timeout = max(0.0, timeout - (now - start))
