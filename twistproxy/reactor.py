@@ -6,8 +6,10 @@ the selectable for its log prefix and pushes a copied context dict for the legac
 request (the client's request, the backend's response), so that wrapper is a sizeable
 share of its CPU. This reactor dispatches the events itself with the same semantics
 (read before write, disconnect only after pending input, an exception disconnects the
-selectable and is logged) but without the per-event context. Everything else,
-including timers, threads and the waker, is Twisted's EPollReactor unchanged.
+selectable and is logged) but without the per-event context. It can also poll for
+a short, adaptive while before it sleeps (`busy_poll`, see _spin_then_wait).
+Everything else, including timers, threads and the waker, is Twisted's EPollReactor
+unchanged.
 
 The only visible difference: legacy `log.msg` calls made from inside a protocol
 callback carry the default "-" system rather than the connection's log prefix; the
