@@ -113,11 +113,10 @@ class Balanced:
             (n - 1 if n >= 2 else 0)
 
     def member_target(self, member) -> bytes:
-        base = member.config.url.path.rstrip("/")
-        return base.encode("latin-1") + self.target if base else self.target
+        return member.base + self.target if member.base else self.target
 
     def backend_name(self, member) -> str:
-        return f"balancer://{self.balancer.name}|{member.name}|{member.route or '-'}"
+        return member.log_name
 
 
 class ProxyContext:
@@ -263,7 +262,7 @@ class ProxyContext:
     def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes,
                            waited_until: float | None = None) -> None:
         bal = rt.balancer
-        lb = Balanced(bal, target, req.header("cookie"))
+        lb = Balanced(bal, target, req.header("cookie") if bal.sticky_cookie else None)
         choice = None
         if conn.pinned:
             # a connection authenticated by NTLM/Negotiate stays on its member

@@ -13,6 +13,9 @@ from ..config import BalancerConfig, MemberConfig
 from .sticky import route_from_cookie, route_from_url, split_route
 
 
+_UNUSABLE = frozenset("DSEC")      # disabled, stopped, in error, hcheck failed
+
+
 @dataclass(eq=False)
 class Member:
     config: MemberConfig
@@ -25,6 +28,8 @@ class Member:
     read: int = 0
     elected: int = 0
     error_time: float = 0.0
+    log_name: str = ""               # balancer://NAME|MEMBER|ROUTE, for the access log
+    base: bytes = b""                # the member URL's path, before the request's
 
     @property
     def route(self) -> str:
@@ -43,7 +48,7 @@ class Member:
         return "N" in self.flags
 
     def usable(self) -> bool:
-        return not (self.flags & {"D", "S", "E", "C"})
+        return self.flags.isdisjoint(_UNUSABLE)
 
     def try_retry(self, now: float) -> None:
         """An errored member becomes a candidate again once `retry` has passed."""
@@ -86,6 +91,9 @@ class Balancer:
         self.members = [Member(m, m.url.origin + m.url.path.rstrip("/"),
                                int(round(m.loadfactor * 100)), parse_status(m.status))
                         for m in config.members]
+        for m in self.members:
+            m.log_name = f"balancer://{self.name}|{m.name}|{m.route or '-'}"
+            m.base = m.config.url.path.rstrip("/").encode("latin-1")
         self.max_lbset = max(m.config.lbset for m in self.members)
         sticky = config.stickysession
         cookie, _, param = sticky.partition("|")
@@ -93,13 +101,14 @@ class Balancer:
         self.sticky_param = param or cookie
         self._better = {"byrequests": self._by_requests, "bytraffic": self._by_traffic,
                         "bybusyness": self._by_busyness}[config.lbmethod]
+        self._counts_lbstatus = config.lbmethod in ("byrequests", "bybusyness")
         self._total = 0
 
     # -- per request ----------------------------------------------------------------
 
     def choose(self, url: str, cookie_header: str | None, now: float,
                exclude: tuple = ()) -> Choice:
-        if self.config.forcerecovery and all("E" in m.flags for m in self.members):
+        if self.config.forcerecovery and self._all_in_error():
             for m in self.members:
                 m.flags.discard("E")
         route = None
@@ -117,6 +126,12 @@ class Balancer:
                 return Choice(None, False, route)
         member = self._best(now, exclude)
         return self._elect(Choice(member, bool(self.sticky_cookie), route))
+
+    def _all_in_error(self) -> bool:
+        for m in self.members:
+            if "E" not in m.flags:
+                return False
+        return True
 
     def elect(self, member: Member) -> Choice:
         """This member, whatever the lbmethod says (a pinned connection)."""
@@ -170,15 +185,17 @@ class Balancer:
                     if not (m.spare or m.standby):
                         unusable += 1
                     continue
-                if not m.usable():
+                usable = m.usable()
+                if not usable:
                     m.try_retry(now)
+                    usable = m.usable()
                 if m.spare:
-                    if m.usable():
+                    if usable:
                         spares.append(m)
                 elif m.standby:
-                    if m.usable():
+                    if usable:
                         standbys.append(m)
-                elif m.usable():
+                elif usable:
                     if better(m, best):
                         best = m
                 else:
@@ -191,7 +208,7 @@ class Balancer:
                     if better(m, best):
                         best = m
             if best is not None:
-                if self._better == self._by_requests or self._better == self._by_busyness:
+                if self._counts_lbstatus:
                     best.lbstatus -= self._total
                 return best
         return None
