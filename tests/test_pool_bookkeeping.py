@@ -226,3 +226,31 @@ regex = "^/x/(.*)$"
 url = "http://b/app/$1?q=1"
 """)
     assert worker_name(cfg.vhosts[0].routes[0].url) == "http://b/app/"
+
+
+def test_forward_proxy_workers_are_forgotten_once_their_connections_are_gone():
+    from twistproxy.config import BackendURL, ServerConfig
+    from twistproxy.workers import FORWARD_TTL
+    reactor = MemoryReactorClock()
+    workers = Workers(reactor, ServerConfig())
+    url = BackendURL("http", "origin.test", 80, "", "")
+    p = workers.forward_pool(url, "vhost[0]")
+    assert workers.forward_pool(url, "vhost[0]") is p          # one per origin
+    assert p.ttl == FORWARD_TTL and workers.by_origin["http://origin.test"] == [
+        ("http://origin.test", p)]
+    ex = Ex()
+    p.acquire(ex)
+    conn = connect(reactor)
+    workers.sweep_forward()                                    # a connect under way, busy
+    assert "http://origin.test" in workers.forward
+    p.release(conn)                                            # idle now
+    workers.sweep_forward()
+    assert "http://origin.test" in workers.forward
+    reactor.advance(FORWARD_TTL + 1)
+    p.sweep()                                                  # idle past ttl: closed
+    conn.connectionLost(None)
+    assert p.open == 0
+    workers.sweep_forward()
+    assert "http://origin.test" not in workers.forward
+    assert "http://origin.test" not in workers.by_origin
+    assert workers.forward_pool(url, "vhost[0]") is not p      # a new one next time

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from . import headers as H
 from .balancer import Balancer
 from .balancer.health import HealthCheck
-from .config import BackendURL, Config, RouteConfig, VhostConfig, WorkerParams
+from .config import BackendURL, Config, RouteConfig, VhostConfig
 from .handlers.connect import ConnectExchange, ForwardGate
 from .handlers.reverse import ReverseExchange
 from .pool import Pool
@@ -311,7 +311,7 @@ class ProxyContext:
             known = self.workers.by_origin.get(url.origin)
             # a worker the configuration defined for this origin serves it; else a new one
             pool = longest(known, url.origin + path.decode("latin-1")) if known else \
-                self.workers.define(url, WorkerParams(), rt.where)
+                self.workers.forward_pool(url, rt.where)
             ReverseExchange(self, conn, req, rt, path, pool, url.origin).start()
         gate.admit(conn, req, host, port, False, proceed)
 

@@ -78,8 +78,9 @@ class ProxyService(MultiService):
                      f"{b.listen.address}:{b.port}")
         for check in self.ctx.health_checks:
             check.start()
-        if any(p.ttl is not None for p in self.ctx.pools):
-            # pool maintenance: idle connections above smax older than ttl are closed
+        if any(p.ttl is not None for p in self.ctx.pools) or self.ctx.forward_gates:
+            # pool maintenance: idle connections above smax older than ttl are closed,
+            # and a forward proxy's workers for origins no longer in use are forgotten
             self._sweeper = task.LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(1.0, now=False)
@@ -91,6 +92,7 @@ class ProxyService(MultiService):
     def _sweep(self):
         for pool in self.ctx.pools:
             pool.sweep()
+        self.ctx.workers.sweep_forward()
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -16,6 +16,11 @@ from .pool import Pool
 
 log = Logger(namespace="twistproxy")
 
+# Workers a forward proxy makes for the origins its clients ask for: their idle
+# connections are closed after this many seconds (Apache's ttl), and a worker with no
+# connection left is forgotten, so a forward proxy does not grow with every origin.
+FORWARD_TTL = 60.0
+
 
 def worker_name(url: BackendURL) -> str:
     """scheme://host[:port]/path (default port dropped; a regex template up to its
@@ -32,6 +37,7 @@ class Workers:
         self.server = server
         self.tls_options_for = tls_options_for
         self.by_origin: dict[str, list[tuple[str, Pool]]] = {}
+        self.forward: dict[str, Pool] = {}      # origin -> a forward proxy's own worker
 
     def define(self, url: BackendURL, params: WorkerParams, where: str) -> Pool:
         name = worker_name(url)
@@ -57,6 +63,26 @@ class Workers:
         # longest names first, so the request-time search stops at the first prefix
         same_origin.sort(key=lambda item: len(item[0]), reverse=True)
         return pool
+
+    def forward_pool(self, url: BackendURL, where: str) -> Pool:
+        """The worker for an origin a forward-proxy client asked for, made on first use
+        (the configuration defined none for it); forgotten by sweep_forward() once idle."""
+        pool = self.forward.get(url.origin)
+        if pool is None:
+            pool = self.define(url, WorkerParams(ttl=FORWARD_TTL), where)
+            self.forward[url.origin] = pool
+        return pool
+
+    def sweep_forward(self) -> None:
+        """Forget forward-proxy workers left without connections, waiters or connects."""
+        for origin, pool in list(self.forward.items()):
+            if pool.open == 0 and pool.opening == 0 and not pool.waiters:
+                del self.forward[origin]
+                entries = [e for e in self.by_origin.get(origin, ()) if e[1] is not pool]
+                if entries:
+                    self.by_origin[origin] = entries
+                else:
+                    self.by_origin.pop(origin, None)
 
     def candidates(self, url: BackendURL) -> list[tuple[str, Pool]]:
         return self.by_origin[url.origin]
