@@ -285,3 +285,36 @@ def test_ntlm_401_pins_the_backend_connection_to_the_client_connection():
     assert one.pinned == {pool: b1}          # stays pinned until either side closes
     one.connectionLost(None)
     assert bt1.disconnecting
+
+
+def test_remembered_routing_keeps_an_empty_query_apart_from_none():
+    """Routing answers are remembered per (listener, Host, target): "/x?" and "/x" are
+    different targets and stay so on the second request."""
+    h = Harness()
+    client, ct = h.client()
+    sent = []
+    for target in (b"/x?", b"/x", b"/x?", b"/x"):
+        client.dataReceived(b"GET %s HTTP/1.1\r\nHost: proxy.test\r\n\r\n" % target)
+        if not sent:
+            backend, bt = h.backend()
+        sent.append(take(bt).split(b"\r\n", 1)[0])
+        backend.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert sent[0] != sent[1] and sent[2] == sent[0] and sent[3] == sent[1], sent
+
+
+def test_routing_on_headers_is_never_remembered():
+    h = Harness(CONFIG.replace('''  [[vhost.route]]
+  path = "/"''', '''  [[vhost.route]]
+  path = "/"
+  match_headers = { User-Agent = "MSIE" }
+  url = "http://10.9.9.8:8081/old/"
+  [[vhost.route]]
+  path = "/"'''))
+    client, ct = h.client()
+    client.dataReceived(b"GET /p HTTP/1.1\r\nHost: proxy.test\r\nUser-Agent: MSIE 6\r\n\r\n")
+    old, old_t = h.backend()
+    assert take(old_t).startswith(b"GET /old/p HTTP/1.1")
+    old.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    client.dataReceived(b"GET /p HTTP/1.1\r\nHost: proxy.test\r\nUser-Agent: curl\r\n\r\n")
+    new, new_t = h.backend()
+    assert take(new_t).startswith(b"GET /base/p HTTP/1.1")

@@ -223,7 +223,7 @@ class ProxyContext:
                                       body=b"")
         else:
             return self.reject(conn, req, 400, "bad request target")
-        key = (conn.listen_key, req.host, raw_path, query)
+        key = (conn.listen_key, req.host, target)
         routed = self._routed.get(key)
         if routed is None:
             routed = self._route(conn, req, raw_path, query if q else None, key)
@@ -253,7 +253,7 @@ class ProxyContext:
         rt = self.routes[id(match.route)]
         target = match.target.encode("latin-1")
         routed = (rt, target, rt.pool_for(target) if rt.balancer is None else None)
-        if len(raw_path) + len(query or b"") <= 512 and not self.router.reads_headers(vhost):
+        if len(req.target) <= 512 and not self.router.reads_headers(vhost):
             if len(self._routed) >= _ROUTED_MAX:
                 self._routed.clear()    # targets are client-chosen: bounded
             self._routed[key] = routed
