@@ -13,6 +13,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from ..wire.deadline import Deadline
+from ..wire.direct import writer_for
 
 log = Logger(namespace="twistproxy.tunnel")
 
@@ -20,7 +21,7 @@ log = Logger(namespace="twistproxy.tunnel")
 class Tunnel:
     __slots__ = ("client", "backend", "timeout", "deadline", "last_activity", "clock",
                  "up", "down", "closed", "client_eof", "backend_eof", "on_close", "where",
-                 "request")
+                 "request", "_to_client", "_to_backend")
 
     def __init__(self, reactor, client, backend, timeout: float, where: str = "",
                  on_close=None):
@@ -38,6 +39,9 @@ class Tunnel:
         self.on_close = on_close
         self.where = where
         self.request = None             # logged when the tunnel closes, like Apache
+        # straight to the socket when nothing is queued, as the HTTP exchange wrote
+        self._to_client = writer_for(client.transport)
+        self._to_backend = writer_for(backend.transport)
 
     def start(self, from_client: bytes = b"", from_backend: bytes = b"") -> None:
         """Bytes either side sent past the handshake go first."""
@@ -57,14 +61,14 @@ class Tunnel:
             return
         self.up += len(data)
         self.last_activity = self.clock.seconds()
-        self.backend.transport.write(data)
+        self._to_backend(data)
 
     def from_backend(self, data: bytes) -> None:
         if self.closed:
             return
         self.down += len(data)
         self.last_activity = self.clock.seconds()
-        self.client.transport.write(data)
+        self._to_client(data)
 
     # -- flow control: each side's full transport pauses the other side ------------------
     # (called by the client's _ResponseFlow and the backend's RequestFlow producers)
