@@ -234,8 +234,8 @@ def test_forward_proxy_workers_are_forgotten_once_their_connections_are_gone():
     reactor = MemoryReactorClock()
     workers = Workers(reactor, ServerConfig())
     url = BackendURL("http", "origin.test", 80, "", "")
-    p = workers.forward_pool(url, "vhost[0]")
-    assert workers.forward_pool(url, "vhost[0]") is p          # one per origin
+    p = workers.forward_pool(url, "http://origin.test/", "vhost[0]")
+    assert workers.forward_pool(url, "http://origin.test/", "vhost[0]") is p          # one per origin
     assert p.ttl == FORWARD_TTL and workers.by_origin["http://origin.test"] == [
         ("http://origin.test", p)]
     ex = Ex()
@@ -253,4 +253,4 @@ def test_forward_proxy_workers_are_forgotten_once_their_connections_are_gone():
     workers.sweep_forward()
     assert "http://origin.test" not in workers.forward
     assert "http://origin.test" not in workers.by_origin
-    assert workers.forward_pool(url, "vhost[0]") is not p      # a new one next time
+    assert workers.forward_pool(url, "http://origin.test/", "vhost[0]") is not p      # a new one next time

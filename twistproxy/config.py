@@ -449,14 +449,19 @@ class _Loader:
             else os.getcwd()
         return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
+    def certificate(self, w: str, raw: dict, names: tuple[str, ...]) -> CertConfig:
+        """cert, key and optional chain files of a checked table (the listener's tls
+        table or a [[listen.certificate]])."""
+        return CertConfig(self.file(f"{w}.cert", raw["cert"]),
+                          self.file(f"{w}.key", raw["key"]),
+                          self.file(f"{w}.chain", raw["chain"]) if "chain" in raw else "",
+                          names, w)
+
     def tls(self, w: str, raw: Any, certificates: Any) -> TLSConfig:
         tw = f"{w}.tls"
         raw = self.table(tw, raw, ("cert", "key", "chain", "min_version", "ciphers"),
                          required=("cert", "key"))
-        certs = [CertConfig(self.file(f"{tw}.cert", raw["cert"]),
-                            self.file(f"{tw}.key", raw["key"]),
-                            self.file(f"{tw}.chain", raw["chain"]) if "chain" in raw else "",
-                            (), tw)]
+        certs = [self.certificate(tw, raw, ())]
         for i, c in enumerate(self.array_of_tables(f"{w}.certificate", certificates)):
             cw = f"{w}.certificate[{i}]"
             self.table(cw, c, ("server_name", "cert", "key", "chain"),
@@ -464,10 +469,7 @@ class _Loader:
             names = tuple(self.hostname(f"{cw}.server_name[{j}]", n, wildcard=True)
                           for j, n in enumerate(self.strings(f"{cw}.server_name",
                                                              c["server_name"])))
-            certs.append(CertConfig(self.file(f"{cw}.cert", c["cert"]),
-                                    self.file(f"{cw}.key", c["key"]),
-                                    self.file(f"{cw}.chain", c["chain"]) if "chain" in c
-                                    else "", names, cw))
+            certs.append(self.certificate(cw, c, names))
         ciphers = self.string(f"{tw}.ciphers", raw.get("ciphers", ""))
         return TLSConfig(tuple(certs),
                          self.choice(f"{tw}.min_version", raw.get("min_version", "1.2"),

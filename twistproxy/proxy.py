@@ -96,6 +96,13 @@ def _host_port(authority: bytes, default: int | None = None) -> tuple[str, int] 
     return host, int(port)
 
 
+def _set_host(req, authority: bytes) -> None:
+    """An absolute-form target's authority replaces Host (RFC 9112 §3.2.2)."""
+    req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+    req.headers.insert(0, (b"Host", authority))
+    req.host = authority
+
+
 class Balanced:
     """A request's dealings with a balancer: members tried, and how to address one."""
 
@@ -114,9 +121,6 @@ class Balanced:
 
     def member_target(self, member) -> bytes:
         return member.base + self.target if member.base else self.target
-
-    def backend_name(self, member) -> str:
-        return member.log_name
 
 
 class ProxyContext:
@@ -203,9 +207,7 @@ class ProxyContext:
                     conn.listen_key, authority.decode("latin-1")):
                 return self._forward(conn, req, gate, scheme.lower(), authority,
                                      b"/" + tail)
-            req.host = authority
-            req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
-            req.headers.insert(0, (b"Host", authority))
+            _set_host(req, authority)
             raw_path, q, query = (b"/" + tail).partition(b"?")
         elif method == b"CONNECT":
             gate = self.forward_gates.get(conn.listen_key)
@@ -290,7 +292,7 @@ class ProxyContext:
             return conn.respond_error(req, 503)
         lb.tried.append(member)
         ReverseExchange(self, conn, req, rt, lb.member_target(member),
-                        rt.member_pools[id(member)], lb.backend_name(member),
+                        rt.member_pools[id(member)], member.log_name,
                         member=member, choice=choice, lb=lb).start()
 
     def _forward(self, conn, req, gate, scheme: bytes, authority: bytes, path: bytes) -> None:
@@ -299,19 +301,15 @@ class ProxyContext:
         if hostport is None:
             return self.reject(conn, req, 400, "bad absolute-form target")
         host, port = hostport
-        req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
-        req.headers.insert(0, (b"Host", authority))
-        req.host = authority
+        _set_host(req, authority)
         rt = req.route = gate.runtime
 
         def proceed():
             if self._max_forwards_answered(conn, req):
                 return
             url = BackendURL(scheme.decode(), host.lower(), port, "", "")
-            known = self.workers.by_origin.get(url.origin)
-            # a worker the configuration defined for this origin serves it; else a new one
-            pool = longest(known, url.origin + path.decode("latin-1")) if known else \
-                self.workers.forward_pool(url, rt.where)
+            pool = self.workers.forward_pool(url, url.origin + path.decode("latin-1"),
+                                             rt.where)
             ReverseExchange(self, conn, req, rt, path, pool, url.origin).start()
         gate.admit(conn, req, host, port, False, proceed)
 

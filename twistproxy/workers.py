@@ -64,13 +64,15 @@ class Workers:
         same_origin.sort(key=lambda item: len(item[0]), reverse=True)
         return pool
 
-    def forward_pool(self, url: BackendURL, where: str) -> Pool:
-        """The worker for an origin a forward-proxy client asked for, made on first use
-        (the configuration defined none for it); forgotten by sweep_forward() once idle."""
-        pool = self.forward.get(url.origin)
-        if pool is None:
-            pool = self.define(url, WorkerParams(ttl=FORWARD_TTL), where)
-            self.forward[url.origin] = pool
+    def forward_pool(self, url: BackendURL, full_url: str, where: str) -> Pool:
+        """The worker for a forward-proxy request: one already defined for its origin
+        (the longest prefixing `full_url`, §1.5), else one made now, which
+        sweep_forward() forgets once it is idle."""
+        known = self.by_origin.get(url.origin)
+        if known:
+            return longest(known, full_url)
+        pool = self.define(url, WorkerParams(ttl=FORWARD_TTL), where)
+        self.forward[url.origin] = pool
         return pool
 
     def sweep_forward(self) -> None:

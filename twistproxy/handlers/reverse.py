@@ -254,7 +254,7 @@ class ReverseExchange:
         self.pool = self.rt.member_pools[id(nxt)]
         self.timeout = self.pool.timeout
         self.target = lb.member_target(nxt)
-        self.backend_name = self.req.backend = lb.backend_name(nxt)
+        self.backend_name = self.req.backend = nxt.log_name
         self.head = self._build_head()
         self.retried = False
         self.pool.acquire(self, self._sni())
