@@ -254,3 +254,69 @@ def test_forward_proxy_workers_are_forgotten_once_their_connections_are_gone():
     assert "http://origin.test" not in workers.forward
     assert "http://origin.test" not in workers.by_origin
     assert workers.forward_pool(url, "http://origin.test/", "vhost[0]") is not p      # a new one next time
+
+
+# ---------------------------------------------------------------------------
+# the peek before reusing a connection for a request that must not be sent twice
+
+
+class SocketTransport(StringTransport):
+    """A StringTransport with a real socket under it, for the pool's peek."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self.socket = sock
+
+
+def idle_on_socketpair(r):
+    """A pool with one idle connection whose socket is one end of a real pair."""
+    import socket
+    p = pool(r)
+    ours, backend = socket.socketpair()
+    ours.setblocking(False)
+    p.acquire(Ex())
+    host, port, factory, _, _ = r.tcpClients[0]
+    conn = factory.buildProtocol(IPv4Address("TCP", host, port))
+    conn.makeConnection(SocketTransport(ours))
+    p.release(conn)
+    return p, conn, backend
+
+
+def test_connection_the_backend_closed_unread_is_not_handed_to_a_post():
+    """The backend's FIN arrived but the reactor has not read it yet: the peek sees
+    it, the connection is dropped and a new one is connected instead."""
+    r = MemoryReactorClock()
+    p, conn, backend = idle_on_socketpair(r)
+    backend.close()
+    post = Ex()
+    p.acquire(post, check_open=True)
+    assert post.conn is None and len(r.tcpClients) == 2
+    assert p.stats()["stale"] == 1 and conn.transport.disconnecting
+
+
+def test_peek_leaves_an_open_connection_and_its_bytes_alone():
+    r = MemoryReactorClock()
+    p, conn, backend = idle_on_socketpair(r)
+    post = Ex()
+    p.acquire(post, check_open=True)
+    assert post.conn is conn and post.reused is True and p.stats()["stale"] == 0
+    backend.close()
+
+
+def test_bytes_nobody_asked_for_make_an_idle_connection_untrusted():
+    r = MemoryReactorClock()
+    p, conn, backend = idle_on_socketpair(r)
+    backend.sendall(b"HTTP/1.1 200 OK\r\n")
+    post = Ex()
+    p.acquire(post, check_open=True)
+    assert post.conn is None and p.stats()["stale"] == 1
+    backend.close()
+
+
+def test_idempotent_requests_skip_the_peek_and_rely_on_the_retry():
+    r = MemoryReactorClock()
+    p, conn, backend = idle_on_socketpair(r)
+    backend.close()
+    get = Ex()
+    p.acquire(get)
+    assert get.conn is conn and get.reused is True

@@ -237,11 +237,11 @@ def test_ping_holds_the_body_until_the_backend_says_100():
     assert take(ct).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
-def test_ping_unanswered_goes_to_a_fresh_connection():
+def test_ping_unanswered_put_goes_to_a_fresh_connection():
     h = Harness(PING_CONFIG)
     client, ct = h.client()
     backend, bt = _warm(h, client, ct)
-    client.dataReceived(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    client.dataReceived(b"PUT /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
     take(bt)
     h.reactor.advance(2.1)
     assert bt.disconnecting and len(h.reactor.tcpClients) == 2
@@ -250,6 +250,18 @@ def test_ping_unanswered_goes_to_a_fresh_connection():
     assert b"Expect" not in sent and sent.endswith(b"\r\n\r\nhello")   # fresh: no ping
     backend2.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
     assert take(ct).startswith(b"HTTP/1.1 201 Created\r\n")
+
+
+def test_ping_unanswered_post_is_503_and_never_sent_again():
+    """The POST's head went out: the backend may have acted on it, body or not."""
+    h = Harness(PING_CONFIG)
+    client, ct = h.client()
+    backend, bt = _warm(h, client, ct)
+    client.dataReceived(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    take(bt)
+    h.reactor.advance(2.1)
+    assert bt.disconnecting and len(h.reactor.tcpClients) == 1
+    assert take(ct).startswith(b"HTTP/1.1 503 ")
 
 
 def test_idempotent_put_with_small_body_is_replayed_on_a_new_connection():

@@ -4,12 +4,16 @@ Owns connecting (lazily, on demand), the mod_proxy worker limits (`max` connecti
 once, `acquire` wait for a free one, idle ones above `smax` closed once older than
 `ttl`, `disablereuse`, `keepalive`), the idle list (most recently used first, so a
 quiet period lets the oldest age out), and dropping connections the backend closed
-while idle, so a dead connection is never handed out. An exchange asking for a
+while idle, so a dead connection is never handed out: the reactor notices most
+closes at once, and for requests that must not be sent twice a connection is peeked
+at before reuse, for a FIN the reactor has not read yet (Apache's
+ap_proxy_is_socket_connected). An exchange asking for a
 connection is told `backend_connected(conn, reused)` or `backend_connect_failed(why)`.
 """
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 
 from twisted.internet.error import ConnectionRefusedError, TimeoutError as ConnectTimeout
@@ -67,6 +71,29 @@ class _PooledConnection(BackendConnection):
         ex.backend_connected(self, False)
 
 
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def still_open(conn: BackendConnection) -> bool:
+    """A non-blocking peek at an idle connection's socket: False when the backend has
+    closed or reset it, or (plain TCP) sent bytes nobody asked for. Over TLS, bytes
+    may be a session ticket, so only the close counts."""
+    transport = conn.transport
+    sock = getattr(transport, "socket", None)
+    tls = sock is None
+    if tls:
+        sock = getattr(getattr(transport, "transport", None), "socket", None)
+        if sock is None:
+            return True                 # not a socket (tests): nothing to peek at
+    try:
+        data = sock.recv(1, _PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return bool(data) and tls
+
+
 class Pool:
     """Connections to one backend worker."""
 
@@ -103,6 +130,7 @@ class Pool:
         self.created = 0
         self.reused = 0
         self.failed = 0
+        self.stale = 0         # idle connections found closed by the peek before reuse
 
     # -- counts --------------------------------------------------------------------------
 
@@ -113,7 +141,8 @@ class Pool:
     def stats(self) -> dict:
         return {"open": self.open, "idle": len(self.idle), "busy": self.busy,
                 "opening": self.opening, "waiting": len(self.waiters),
-                "created": self.created, "reused": self.reused, "failed": self.failed}
+                "created": self.created, "reused": self.reused, "failed": self.failed,
+                "stale": self.stale}
 
     def __repr__(self):
         counts = " ".join(f"{k}={v}" for k, v in self.stats().items())
@@ -121,11 +150,12 @@ class Pool:
 
     # -- handing out ------------------------------------------------------------------------
 
-    def acquire(self, exchange, sni: str | None = None) -> None:
+    def acquire(self, exchange, sni: str | None = None, check_open: bool = False) -> None:
         """`sni`: the TLS server name when it is not the backend's own host
-        (preserve_host); connections are only reused for the same name."""
+        (preserve_host); connections are only reused for the same name. With
+        `check_open`, an idle connection is peeked at before it is handed out."""
         exchange.sni = sni
-        conn = self._take_idle(sni)
+        conn = self._take_idle(sni, check_open)
         if conn is not None:
             self.reused += 1
             exchange.backend_connected(conn, True)
@@ -136,7 +166,7 @@ class Pool:
             if self.acquire_timeout is not None:
                 timer = self.reactor.callLater(self.acquire_timeout, self._waited_too_long,
                                                exchange)
-            self.waiters.append([exchange, timer])
+            self.waiters.append([exchange, timer, check_open])
 
     def acquire_fresh(self, exchange) -> None:
         """A new connection, never an idle one (after a stale keep-alive failure).
@@ -152,7 +182,8 @@ class Pool:
                     entry[1].cancel()
                 return
 
-    def _take_idle(self, sni: str | None = None) -> BackendConnection | None:
+    def _take_idle(self, sni: str | None = None,
+                   check_open: bool = False) -> BackendConnection | None:
         idle = self.idle
         ttl = self.ttl
         now = self.reactor.seconds() if ttl is not None else 0.0
@@ -172,6 +203,11 @@ class Pool:
             if ttl is not None and now - conn.idle_since > ttl:
                 conn.reusable = False
                 conn.hang_up()          # too old to trust: Apache's ttl
+                continue
+            if check_open and not still_open(conn):
+                self.stale += 1
+                conn.reusable = False
+                conn.hang_up()
                 continue
             return conn
         return None
@@ -198,8 +234,8 @@ class Pool:
     def _serve_waiters(self) -> None:
         """A connection slot or an idle connection became free: the first waiter gets it."""
         while self.waiters:
-            exchange, timer = self.waiters[0]
-            conn = self._take_idle(getattr(exchange, "sni", None))
+            exchange, timer, check_open = self.waiters[0]
+            conn = self._take_idle(getattr(exchange, "sni", None), check_open)
             if conn is None and self.open + self.opening >= (self.max or 0):
                 return
             self.waiters.popleft()

@@ -3,8 +3,15 @@
 Owns what happens between a routed request and its response: building the forwarded
 head, streaming the body both ways with backpressure (each side's transport full
 pauses the other side's reading, never a buffer), relaying 1xx, deciding whether
-the backend connection can be reused, one transparent retry on a stale keep-alive
-connection, and turning backend failures into 502/503/504 with a log line.
+the backend connection can be reused or must stay with its client (NTLM/Negotiate),
+one transparent retry on a stale keep-alive connection, and turning backend failures
+into 502/503/504 with a log line.
+
+Never sent twice: once a request head has been written to a connection, only an
+idempotent request (RFC 9110 §9.2.2) may be sent again, on a new connection or to
+another member; a POST or PATCH is sent again only when it provably never left
+(the connect failed). A backend closing one connection unanswered is not a reason
+to put a member in error state; a refused or timed-out connect is.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import alsoProvides
 
 from .. import headers as H
+from ..pool import still_open
 from ..routing import split_host
 from .tunnel import Tunnel
 from ..wire.messages import serialize_headers
@@ -63,7 +71,7 @@ class ReverseExchange:
                  "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
                  "response_started", "done", "last_activity", "timeout", "retried",
                  "received", "choice", "expect_continue", "replay", "holding", "pin",
-                 "reused", "lb", "member_failed", "sni", "upgrade")
+                 "reused", "lb", "member_failed", "sni", "upgrade", "idempotent")
 
     def __init__(self, ctx, conn, req, rt, target: bytes, pool, backend_name: str,
                  member=None, choice=None, lb=None):
@@ -88,7 +96,8 @@ class ReverseExchange:
         self.retried = False
         self.received = 0
         self.expect_continue = False      # the client itself asked for 100-continue
-        self.replay = [] if req.method in _IDEMPOTENT else None
+        self.idempotent = req.method in _IDEMPOTENT
+        self.replay = [] if self.idempotent else None
         self.holding = False              # body held back until the backend says 100
         self.pin = False
         self.reused = False
@@ -96,6 +105,11 @@ class ReverseExchange:
         self.member_failed = False        # failonstatus / failontimeout matched
         self.sni = None
         self.upgrade = b""                # the protocol asked for, when this worker allows it
+        # Authorization: NTLM/Negotiate authenticates the backend connection, not the
+        # request (IIS, also Kerberos with authPersistNonNTLM): never share it again
+        auth = req.authorization
+        if auth is not None and auth.split(b" ", 1)[0].lower() in _CONNECTION_AUTH:
+            self.pin = True
 
     # -- start ---------------------------------------------------------------------------
 
@@ -110,11 +124,19 @@ class ReverseExchange:
             conn.pause_reading()     # until a backend connection takes the body
         pinned = conn.pinned.get(self.pool) if conn.pinned else None
         if pinned is not None:
-            if pinned.connected_ok and pinned.reusable:
+            if pinned.connected_ok and pinned.reusable and \
+                    (self.idempotent or still_open(pinned)):
                 self.backend_connected(pinned, True)     # NTLM/Negotiate: same connection
                 return
             del conn.pinned[self.pool]
-        self.pool.acquire(self, self._sni())
+            if pinned.connected_ok:
+                pinned.close()           # found closed by the peek: not yet read
+        self._acquire()
+
+    def _acquire(self) -> None:
+        # a non-idempotent request is never retried once written, so a pooled
+        # connection is checked to be still open first (idempotent ones are retried)
+        self.pool.acquire(self, self._sni(), check_open=not self.idempotent)
 
     def _build_head(self) -> bytes:
         req, rt = self.req, self.rt
@@ -222,24 +244,26 @@ class ReverseExchange:
         self.bconn = None
         bconn.close()
         why = f"no answer to the 100-continue ping within {self.pool.ping:g}s"
-        if not self._retry(why) and not self._failover(why):
-            self._fail(503, why)
+        if not self._retry(why) and not self._failover(why, written=True):
+            self._fail(503, self._not_resent(why))
 
     def backend_connect_failed(self, why: str) -> None:
         if self.done:
             return
-        if not self._failover(why):
+        if not self._failover(why, written=False):
             self._fail(503, why)
 
-    def _failover(self, why: str) -> bool:
-        """A member that could not be reached goes into error state and, while
-        maxattempts allows, the request goes to another member (nothing was read back
-        and no body sent yet, so this is always safe)."""
+    def _failover(self, why: str, written: bool, member_error: bool = True) -> bool:
+        """While maxattempts allows, the request goes to another member: always when
+        it never reached a connection (`written` false: the connect failed), else
+        only an idempotent one. With `member_error` the failed member goes into error
+        state for `retry` seconds (unreachable, or silent to the ping)."""
         lb, member = self.lb, self.member
-        if lb is None or member is None or self.response_started or not self._rewind():
+        if lb is None or member is None or self.response_started or \
+                (written and not self.idempotent) or not self._rewind():
             return False
         now = self.ctx.reactor.seconds()
-        self._member_done(ok=False, why=why)
+        self._member_done(ok=not member_error, why=why)
         if len(lb.tried) > lb.max_attempts:
             return False
         choice = lb.balancer.choose(lb.url, lb.cookie, now, exclude=tuple(lb.tried))
@@ -257,7 +281,7 @@ class ReverseExchange:
         self.backend_name = self.req.backend = nxt.log_name
         self.head = self._build_head()
         self.retried = False
-        self.pool.acquire(self, self._sni())
+        self._acquire()
         return True
 
     # -- request body: client -> backend ----------------------------------------------------------
@@ -389,12 +413,8 @@ class ReverseExchange:
         req, rt = self.req, self.rt
         if self.lb is not None and status in self.lb.balancer.config.failonstatus:
             self.member_failed = True    # relayed, then the member goes into error
-        if status == 401 and self.pool is not None:
-            for n, v in headers:
-                if n.lower() == b"www-authenticate" and \
-                        v.split(b" ", 1)[0].strip().lower() in _CONNECTION_AUTH:
-                    self.pin = True      # NTLM/Negotiate authenticate the connection
-                    break
+        if self.bconn.offers_connection_auth:
+            self.pin = True              # WWW-Authenticate: NTLM/Negotiate (any status)
         out = H.response_to_client(headers, via=rt.vhost.proxy_via, via_name=rt.via_name,
                                    backend_version=version.encode("ascii"))
         if rt.reverse_map is not None:
@@ -443,11 +463,12 @@ class ReverseExchange:
         if self.body_sent and self.replay is None:
             return False
         self.holding = False
+        # the body's end goes again too: an empty chunked body is its last chunk only
+        self.body_done = False
         if self.body_sent:
             self.early = self.replay + (self.early or [])
             self.replay = []
             self.body_sent = 0
-            self.body_done = False
         if self.req.has_body and not self.req.complete:
             self.conn.pause_reading()
         return True
@@ -456,22 +477,31 @@ class ReverseExchange:
         if self.done:
             return
         self.bconn = None
-        if not self.response_started and not bconn.got_bytes:
+        unanswered = not self.response_started and not bconn.got_bytes
+        if unanswered:
             why = "connection closed before any answer"
-            # a stale kept-alive connection: once more on a new one; a balancer member
-            # that hangs up unanswered: another member (idempotent or nothing sent yet)
-            if self._retry(why) or self._failover(why):
+            # an idempotent request: a stale kept-alive connection, once more on a new
+            # one; a member that hangs up unanswered, another member (not in error:
+            # one closed connection says little about the member)
+            if self._retry(why) or self._failover(why, written=True, member_error=False):
                 return
         why = "connection closed before a complete response" if bconn.got_bytes else \
             "connection closed without a response"
         detail = _loss_detail(reason)
-        self._fail(502, f"{why} ({detail})" if detail else why)
+        why = f"{why} ({detail})" if detail else why
+        self._fail(502, self._not_resent(why) if unanswered else why)
+
+    def _not_resent(self, why: str) -> str:
+        if self.idempotent:
+            return why
+        return f"{why}; {self.req.method.decode('latin-1')} is not idempotent: not sent again"
 
     def _retry(self, why: str) -> bool:
         """Once, on a new connection, when the failed one was a kept-alive one and the
-        request can be sent again: no body byte sent yet, or an idempotent request
-        whose body so far is still at hand."""
-        if self.retried or not self.reused or self.response_started or not self._rewind():
+        request is idempotent with its body so far still at hand (the head was
+        written: a POST may have been acted on)."""
+        if self.retried or not self.reused or self.response_started or \
+                not self.idempotent or not self._rewind():
             return False
         self.retried = True
         log.debug("{where}: backend {backend}: {why} on a kept-alive connection: "

@@ -20,6 +20,7 @@ from .deadline import Deadline
 from .direct import writer_for
 
 _BODYLESS_STATUS = (204, 304)
+_CONNECTION_AUTH = (b"ntlm", b"negotiate")     # schemes that authenticate a connection
 
 
 @implementer(IPushProducer)
@@ -60,6 +61,8 @@ class BackendConnection(Protocol):
         self.idle_since = 0.0
         self.paused = False
         self.got_bytes = False
+        # the current response offers NTLM/Negotiate: the connection gets authenticated
+        self.offers_connection_auth = False
         self._done = True
         self._complete_pending = False
         self._head_method = False
@@ -214,6 +217,7 @@ class BackendConnection(Protocol):
         self._trailers = None
         self._reason = b""
         self._in_body = False
+        self.offers_connection_auth = False
 
     def on_status(self, rsn: bytes):
         self._reason += rsn
@@ -254,6 +258,9 @@ class BackendConnection(Protocol):
                 length = int(v)
             elif k == 17 and n.lower() == b"transfer-encoding":
                 coded = True
+            elif k == 16 and n.lower() == b"www-authenticate" and \
+                    v.split(b" ", 1)[0].strip().lower() in _CONNECTION_AUTH:
+                self.offers_connection_auth = True
         codings = transfer_codings(self._headers) if coded else []
         if codings:
             # llhttp has framed the body by them: chunked last, else read until close.

@@ -58,7 +58,7 @@ class Request:
                  "host", "has_body", "complete", "body", "exchange", "started",
                  "status", "sent", "backend", "head_sent", "chunked_out", "bodyless_out",
                  "local", "url_len", "trailers", "user", "in_body", "route", "referer",
-                 "user_agent")
+                 "user_agent", "authorization")
 
     def __init__(self, started: float):
         self.started = started
@@ -87,6 +87,7 @@ class Request:
         self.route = None                     # the route's runtime, once routed
         self.referer: bytes | None = None
         self.user_agent: bytes | None = None
+        self.authorization: bytes | None = None   # NTLM/Negotiate pin the backend connection
 
     def header(self, lname: str) -> str | None:
         """Value of a header by lower-case name, repeated ones joined with ', '."""
@@ -358,6 +359,8 @@ class ClientConnection(Protocol):
                 req.user_agent = v            # for the access log
             elif ln == b"referer":
                 req.referer = v
+            elif ln == b"authorization":
+                req.authorization = v
             elif ln == b"content-length" or ln == b"transfer-encoding":
                 req.has_body = req.method != b"CONNECT"   # after CONNECT: tunnel bytes
         if len(hosts) > 1:
