@@ -87,6 +87,7 @@ class WorkerParams:
     upgrade: str = ""
     verify: bool = True      # https/wss backends: check the certificate and host name
     ca_file: str = ""        # trust these CAs (PEM) instead of the system's
+    status: str = ""         # a route's worker: "-I" puts it in error state (see pool.py)
 
 
 @dataclass(frozen=True)
@@ -640,6 +641,11 @@ class _Loader:
             raise ConfigError(f"{self.path}: {w}: needs 'url' (or exclude = true)")
         else:
             url = self.backend_url(f"{w}.url", raw["url"], balancers, groups)
+        status = self.string(f"{w}.status", raw.get("status", ""))
+        if not re.fullmatch(r"([+-]?I)*", status.upper()):
+            raise self.fail(f"{w}.status", status, "takes only the I flag on a route: \"-I\" "
+                            "puts its worker in error state for 'retry' seconds after a "
+                            "failed connect, \"+I\" (the default) never")
         reverse = self.boolean(f"{w}.reverse", raw.get("reverse", False))
         if reverse and (regex is not None or exclude):
             raise self.fail(f"{w}.reverse", reverse, "needs a 'path' route with a 'url' "
@@ -700,6 +706,7 @@ class _Loader:
             upgrade=upgrade,
             verify=self.boolean(f"{w}.verify", g("verify", True)),
             ca_file=self.file(f"{w}.ca_file", g("ca_file")) if "ca_file" in raw else "",
+            status=str(g("status", "")).upper(),      # checked by route() or member()
         )
 
     def backend_url(self, w: str, value: Any, balancers, groups: int = 0,

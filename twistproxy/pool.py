@@ -19,7 +19,13 @@ from collections import deque
 from twisted.internet.error import ConnectionRefusedError, TimeoutError as ConnectTimeout
 from twisted.internet.protocol import ClientFactory
 
+from twisted.logger import Logger
+
+from .outages import Outage, summary_interval
 from .wire.backend import BackendConnection
+
+
+log = Logger(namespace="twistproxy")
 
 
 class _Connect(ClientFactory):
@@ -46,6 +52,7 @@ class _Connect(ClientFactory):
             why = "connection refused"
         else:
             why = reason.getErrorMessage()
+        pool.connect_failed(why)
         self.exchange.backend_connect_failed(why)
         pool._serve_waiters()
 
@@ -62,6 +69,7 @@ class _PooledConnection(BackendConnection):
         pool.opening -= 1
         pool.open += 1
         pool.created += 1
+        pool.error_time = 0.0
         if pool.keepalive:
             try:
                 self.transport.setTcpKeepAlive(True)
@@ -102,7 +110,8 @@ class Pool:
                  max: int | None = None, smax: int | None = None, ttl: float | None = None,
                  acquire: float | None = None, keepalive: bool = False, name: str = "",
                  timeout: float = 60.0, ping: float = 0.0, params=None,
-                 upgrades: frozenset = frozenset()):
+                 upgrades: frozenset = frozenset(), retry: float = 60.0,
+                 ignore_errors: bool = True):
         self.reactor = reactor
         self.name = name or f"{host}:{port}"
         self.host = host
@@ -131,6 +140,15 @@ class Pool:
         self.reused = 0
         self.failed = 0
         self.stale = 0         # idle connections found closed by the peek before reuse
+        # Apache's error state for a standalone worker, which is off by default there
+        # (implicit status I): with ignore_errors false, a refused or timed-out connect
+        # answers 503 at once for `retry` seconds, without connecting
+        self.retry = retry
+        self.ignore_errors = ignore_errors or retry <= 0
+        self.error_time = 0.0
+        self.error_cause = ""
+        self.outage = Outage(f"backend {self.name}", summary_interval(retry),
+                             reactor.seconds, reactor.callLater)
 
     # -- counts --------------------------------------------------------------------------
 
@@ -155,6 +173,10 @@ class Pool:
         (preserve_host); connections are only reused for the same name. With
         `check_open`, an idle connection is peeked at before it is handed out."""
         exchange.sni = sni
+        if self.error_time and self.reactor.seconds() < self.error_time + self.retry:
+            exchange.backend_connect_failed(f"in error state ({self.error_cause}); "
+                                            f"tried again {self.retry:g}s after it began")
+            return
         conn = self._take_idle(sni, check_open)
         if conn is not None:
             self.reused += 1
@@ -167,6 +189,13 @@ class Pool:
                 timer = self.reactor.callLater(self.acquire_timeout, self._waited_too_long,
                                                exchange)
             self.waiters.append([exchange, timer, check_open])
+
+    def connect_failed(self, why: str) -> None:
+        if not self.ignore_errors and not self.error_time:
+            self.error_time = self.reactor.seconds()
+            self.error_cause = why
+            log.warn("backend {name}: in error state for {retry:g}s: {why}",
+                     name=self.name, retry=self.retry, why=why)
 
     def acquire_fresh(self, exchange) -> None:
         """A new connection, never an idle one (after a stale keep-alive failure).

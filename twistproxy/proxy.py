@@ -16,6 +16,7 @@ from .balancer.health import HealthCheck
 from .config import BackendURL, Config, RouteConfig, VhostConfig
 from .handlers.connect import ConnectExchange, ForwardGate
 from .handlers.reverse import ReverseExchange
+from .outages import Outage, summary_interval
 from .pool import Pool
 from .tls import client_options_for
 from .workers import Workers, longest
@@ -138,12 +139,17 @@ class ProxyContext:
             (s.limit_request_fieldsize + 2) + 4
         self.workers = Workers(reactor, config.server, client_options_for, config.path)
         self.balancers = {name: Balancer(b) for name, b in config.balancers.items()}
+        for name, bal in self.balancers.items():
+            retry = min(m.config.worker.retry for m in bal.members)
+            bal.outage = Outage(f"balancer://{name}", summary_interval(retry),
+                                reactor.seconds, reactor.callLater)
         self.member_pools = {}
         self.health_checks: list[HealthCheck] = []
         for name, bal in self.balancers.items():
             for i, m in enumerate(bal.members):
                 pool = self.member_pools[id(m)] = self.workers.define(
-                    m.config.url, m.config.worker, f"balancer.{name}.member[{i}]")
+                    m.config.url, m.config.worker, f"balancer.{name}.member[{i}]",
+                    member=True)
                 if m.config.hcmethod != "NONE":
                     self.health_checks.append(HealthCheck(reactor, name, m, pool))
         self.connections: set = set()
@@ -287,9 +293,10 @@ class ProxyContext:
                     return
             why = (f"sticky route {choice.sticky_route!r} is unavailable and nofailover is on"
                    if choice.sticky_route else "no usable member")
-            log.warn("{where}: balancer://{name}: {why} -> 503", where=rt.where,
-                     name=bal.name, why=why)
+            bal.outage.failed(rt.where, f"balancer://{bal.name}", why, 503)
             return conn.respond_error(req, 503)
+        if bal.outage.failing:
+            bal.outage.succeeded()
         lb.tried.append(member)
         ReverseExchange(self, conn, req, rt, lb.member_target(member),
                         rt.member_pools[id(member)], member.log_name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from .config import BackendURL, ServerConfig, WorkerParams
+from .balancer.group import parse_status
 from .pool import Pool
 
 log = Logger(namespace="twistproxy")
@@ -39,7 +40,9 @@ class Workers:
         self.by_origin: dict[str, list[tuple[str, Pool]]] = {}
         self.forward: dict[str, Pool] = {}      # origin -> a forward proxy's own worker
 
-    def define(self, url: BackendURL, params: WorkerParams, where: str) -> Pool:
+    def define(self, url: BackendURL, params: WorkerParams, where: str,
+               member: bool = False) -> Pool:
+        """`member`: a balancer member's worker, whose error state is its member's."""
         name = worker_name(url)
         same_origin = self.by_origin.setdefault(url.origin, [])
         for wname, pool in same_origin:
@@ -58,7 +61,9 @@ class Workers:
                     max=params.max, smax=params.smax, ttl=params.ttl,
                     acquire=params.acquire, keepalive=params.keepalive, name=name,
                     timeout=timeout, ping=params.ping, params=params,
-                    upgrades=upgrades_for(url.scheme, params.upgrade))
+                    upgrades=upgrades_for(url.scheme, params.upgrade),
+                    retry=params.retry,
+                    ignore_errors=member or ignores_errors(params.status))
         same_origin.append((name, pool))
         # longest names first, so the request-time search stops at the first prefix
         same_origin.sort(key=lambda item: len(item[0]), reverse=True)
@@ -105,6 +110,11 @@ def upgrades_for(scheme: str, upgrade: str) -> frozenset:
         tokens.add("websocket")
     tokens.discard("none")
     return frozenset(tokens)
+
+
+def ignores_errors(status: str) -> bool:
+    """A standalone worker has Apache's implicit status I unless "-I" takes it away."""
+    return "I" in parse_status("I" + status)
 
 
 def longest(candidates: list[tuple[str, Pool]], full_url: str) -> Pool:

@@ -103,6 +103,7 @@ class Balancer:
                         "bybusyness": self._by_busyness}[config.lbmethod]
         self._counts_lbstatus = config.lbmethod in ("byrequests", "bybusyness")
         self._total = 0
+        self.outage = None      # outages.Outage, given by the proxy (it has the clock)
 
     # -- per request ----------------------------------------------------------------
 

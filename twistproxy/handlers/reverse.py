@@ -444,6 +444,9 @@ class ReverseExchange:
         if not self.body_done:
             bconn.reusable = False      # the backend did not take the whole body
         self._member_done(ok=not self.member_failed, why="failonstatus matched")
+        outage = self.pool.outage
+        if outage.failing:
+            outage.succeeded()
         if (self.pin or bconn in self.conn.pinned.values()) and bconn.reusable:
             self.conn.pin(self.pool, bconn)
         else:
@@ -546,9 +549,8 @@ class ReverseExchange:
             lb is not None and status in lb.balancer.config.failonstatus)),
             why=f"{why} -> {status}")
         self.conn.resume_reading()       # start() paused it until a backend took the body
-        rt = self.rt
-        log.warn("{where}: backend {backend}: {why} -> {status}", where=rt.where,
-                 backend=self.backend_name, why=why, status=status)
+        # the error log tells the worker's outage, not each request (outages.py)
+        self.pool.outage.failed(self.rt.where, self.backend_name, why, status)
         if self.response_started:
             self.conn.abort_response(self.req)
         else:
