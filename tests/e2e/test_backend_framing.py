@@ -164,9 +164,13 @@ class TLSBackend:
         self.raw.stop()
 
 
-def config_for(port: int, raw: RawBackend, wide: RawBackend, tls: TLSBackend,
-               echo: Echo) -> str:
+def config_for(port: int, raw: RawBackend, wide: RawBackend, member: RawBackend,
+               tls: TLSBackend, echo: Echo) -> str:
     return basic_config(f"""
+  [[vhost.route]]
+  path = "/member/"
+  url = "balancer://farm/"
+
   [[vhost.route]]
   path = "/tls/"
   url = "{tls.url}/"
@@ -185,25 +189,32 @@ def config_for(port: int, raw: RawBackend, wide: RawBackend, tls: TLSBackend,
   [[vhost.route]]
   path = "/"
   url = "{raw.url}/"
-""", port)
+""", port, extra=f"""
+[balancer.farm]
+
+  [[balancer.farm.member]]
+  url = "{member.url}"
+  response_field_size = 16384
+""")
 
 
 class Setup:
-    def __init__(self, tmp: Path, raw, wide, tls, echo):
+    def __init__(self, tmp: Path, raw, wide, member, tls, echo):
         self.port = free_port()
         self.raw, self.tls, self.echo = raw, tls, echo
-        self.proxy = Proxy(config_for(self.port, raw, wide, tls, echo), tmp)
+        self.proxy = Proxy(config_for(self.port, raw, wide, member, tls, echo), tmp)
 
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
     folder = tmp_path_factory.mktemp("framing")
-    # the same script behind two workers: default limits, and larger ones (/wide/)
-    raw, wide = RawBackend(plain_backend), RawBackend(plain_backend)
+    # the same script behind three workers: default limits, larger ones on a route
+    # (/wide/) and on a balancer member (/member/)
+    raw, wide, member = (RawBackend(plain_backend) for _ in range(3))
     tls, echo = TLSBackend(folder), Echo("framing")
-    yield folder, raw, wide, tls, echo
-    raw.stop()
-    wide.stop()
+    yield folder, raw, wide, member, tls, echo
+    for b in (raw, wide, member):
+        b.stop()
     tls.stop()
     echo.stop()
 
@@ -236,10 +247,11 @@ def client(port: int, timeout: float = 5.0) -> http.client.HTTPConnection:
 
 
 def raw_get(port: int, target: str, timeout: float = 5.0) -> tuple[bytes, bool]:
-    """A raw HTTP/1.1 GET: (all bytes received, whether the proxy closed within
-    `timeout`)."""
+    """A raw HTTP/1.1 GET asking for Connection: close: (all bytes received, whether the
+    proxy closed within `timeout`)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {target} HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: proxy.test\r\nConnection: close\r\n\r\n"
+                  .encode())
         return _to_close(s)
 
 
@@ -352,11 +364,14 @@ def test_tls_backend_closing_without_close_notify_leaves_the_body_cut(env):
 
 
 def test_tls_backend_closing_with_close_notify_ends_the_body(env):
+    """The guard for the above: close_notify, then the close, ends the body."""
     tok = token()
-    raw, closed = cut_get(env.port, f"/tls/cd?end=notify&{tok}", tok)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    assert body == b"3e8\r\n" + b"t" * 1000 + b"\r\n0\r\n\r\n"
+    c = client(env.port)
+    c.request("GET", f"/tls/cd?end=notify&{tok}")
+    resp = c.getresponse()
+    _go(tok).set()
+    assert (resp.status, resp.read()) == (200, b"t" * 1000)
+    c.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,6 +451,17 @@ def test_route_with_larger_response_field_size_relays_a_longer_line(env):
     resp = c.getresponse()
     assert (resp.status, resp.read()) == (200, b"ok")
     assert len(resp.getheader("Set-Cookie")) == 16000 - len("Set-Cookie: ")
+
+
+def test_balancer_member_with_larger_response_field_size_relays_a_longer_line(env):
+    c = client(env.port)
+    c.request("GET", f"/member/line?n=16000&{token()}")
+    resp = c.getresponse()
+    assert (resp.status, resp.read()) == (200, b"ok")
+    c.request("GET", f"/member/line?n=16385&{token()}")
+    resp = c.getresponse()
+    assert resp.status == 502
+    resp.read()
 
 
 def test_response_head_over_response_head_size_gets_502(env):

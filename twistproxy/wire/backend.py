@@ -12,6 +12,8 @@ backend_complete, backend_invalid, backend_lost.
 
 from __future__ import annotations
 
+from itertools import chain
+
 import httptools
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -213,8 +215,8 @@ class BackendConnection(Protocol):
         A line counts "Name: value" (the status line "HTTP/1.1 200 reason"); an
         unfinished one may hold the CR of its CRLF."""
         limit = self._field_limit
-        if partial > limit + 1 or len(self._reason) + 13 > limit or \
-                any(len(n) + len(v) + 2 > limit for n, v in self._headers):
+        if partial > limit + 1 or size > limit and (len(self._reason) + 13 > limit or any(
+                len(n) + len(v) + 2 > limit for n, v in self._headers)):
             return f"a response header line longer than {limit} bytes (response_field_size)"
         if size > self._head_limit:
             return f"a response head larger than {self._head_limit} bytes (response_head_size)"
@@ -279,9 +281,10 @@ class BackendConnection(Protocol):
         if self._done:
             return
         if self._head_bytes > self._field_limit:
-            # this head may be too large (what was read also holds body bytes): measure it
-            size = len(self._reason) + 17 + sum(len(n) + len(v) + 4 for n, v in self._headers)
-            why = self._head_fault(0, size)
+            # what was read may hold body bytes too: measure the head itself
+            h = self._headers
+            why = self._head_fault(0, len(self._reason) + 17 + 4 * len(h) +
+                                   len(b"".join(chain.from_iterable(h))))
             if why:
                 raise _Invalid(why)
         p = self.parser
