@@ -27,6 +27,7 @@ from .direct import writer_for
 
 _BODYLESS_STATUS = (204, 304)
 _DEFAULTS = WorkerParams()
+_NOT_AT_START = b"?"      # stands for a read in which the head does not begin
 
 
 @implementer(IPushProducer)
@@ -80,7 +81,8 @@ class BackendConnection(Protocol):
         self._field_limit = params.response_field_size
         self._head_limit = params.response_head_size
         self._head_bytes = 0        # read since the request went out, until the final head
-        self._line = 0              # bytes of the head line still unfinished after a read
+        self._read = b""            # the read being parsed, while it holds head bytes
+        self._line = 0              # bytes of an unfinished head line, once that is measured
         # llhttp is at a message boundary after a complete response, so the next
         # request's response can go to the same parser (not after HEAD: see below)
         self._parser_ready = False
@@ -134,7 +136,7 @@ class BackendConnection(Protocol):
         self._head_method = is_head
         self._close_delimited = False
         self._in_body = False
-        self._head_bytes = self._line = 0
+        self._head_bytes = 0
         if not self._parser_ready:
             self.parser = httptools.HttpResponseParser(self)
         self._parser_ready = False
@@ -190,19 +192,29 @@ class BackendConnection(Protocol):
                 self._feed(ex, data)
             else:
                 self._head_bytes += len(data)
-                self._feed(ex, data)
-                if not self._in_body and self.exchange is ex and not self._done:
-                    self._head_unfinished(ex, data)
+                if self._head_bytes <= self._field_limit:
+                    self._feed(ex, data)     # the usual head: short, whole or not
+                else:
+                    self._feed_long_head(ex, data)
         finally:
             client.uncork()
 
-    def _head_unfinished(self, ex, data: bytes) -> None:
-        """A read ended inside the head (rare: heads usually come in one read). llhttp
-        keeps the unfinished line to itself, so its length is measured here."""
+    def _feed_long_head(self, ex, data: bytes) -> None:
+        """More head bytes than a line may hold have been read (possibly body bytes
+        after a short head). on_headers_complete then measures the head; a read that
+        ends inside it is checked here, as llhttp keeps an unfinished line to itself."""
+        self._read = data
+        self._feed(ex, data)
+        self._read = b""
+        if self._in_body or self.exchange is not ex or self._done:
+            return
         nl = data.rfind(b"\n")
-        self._line = self._line + len(data) if nl < 0 else len(data) - nl - 1
-        if self._head_bytes <= self._field_limit:
-            return                   # nothing read so far can break either limit
+        if nl >= 0:
+            self._line = len(data) - nl - 1
+        elif self._head_bytes - len(data) > self._field_limit:
+            self._line += len(data)  # measured since this regime began
+        else:
+            self._line = len(data)   # at least: earlier reads were not measured
         why = self._head_fault(self._line, self._head_bytes)
         if why:
             self.reusable = False
@@ -280,13 +292,8 @@ class BackendConnection(Protocol):
     def on_headers_complete(self):
         if self._done:
             return
-        if self._head_bytes > self._field_limit:
-            # what was read may hold body bytes too: measure the head itself
-            h = self._headers
-            why = self._head_fault(0, len(self._reason) + 17 + 4 * len(h) +
-                                   len(b"".join(chain.from_iterable(h))))
-            if why:
-                raise _Invalid(why)
+        if self._read:
+            self._check_head()
         p = self.parser
         status = p.get_status_code()
         if status == 101 and self.upgrade_requested:
@@ -294,6 +301,8 @@ class BackendConnection(Protocol):
             return
         if 100 <= status < 200:
             self._interim = True
+            if self._read:
+                self._read = _NOT_AT_START   # the final head after it must be measured
             if status == 101:
                 raise _Invalid("a 101 Switching Protocols that was not asked for")
             self.exchange.backend_interim(status, self._reason, self._headers)
@@ -333,6 +342,19 @@ class BackendConnection(Protocol):
             # llhttp cannot be told the response answers HEAD: end it here
             self._done = True
             self._complete_pending = True
+
+    def _check_head(self) -> None:
+        """More was read than a line may hold, but that may be body bytes after a short
+        head (one search tells, when the head began this read); else measure it."""
+        data = self._read
+        if len(data) == self._head_bytes and \
+                data.find(b"\r\n\r\n", 0, self._field_limit) >= 0:
+            return
+        h = self._headers
+        why = self._head_fault(0, len(self._reason) + 17 + 4 * len(h) +
+                               len(b"".join(chain.from_iterable(h))))
+        if why:
+            raise _Invalid(why)
 
     def on_body(self, data: bytes):
         if self._done:
