@@ -143,12 +143,9 @@ class TLSBackend:
             tls = self.ctx.wrap_socket(conn, server_side=True)
         except (ssl.SSLError, OSError):
             return
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = tls.recv(65536)
-            if not chunk:
-                return
-            head += chunk
+        head = read_head(tls)
+        if b"\r\n\r\n" not in head:
+            return
         _, q, token = _target(head)
         tls.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"t" * 1000)
         _go(token).wait(10)
@@ -246,6 +243,18 @@ def client(port: int, timeout: float = 5.0) -> http.client.HTTPConnection:
     return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
 
 
+def get(port: int, target: str, timeout: float = 5.0
+        ) -> tuple[http.client.HTTPResponse, bytes]:
+    """GET with http.client on a connection of its own: (the response, its body)."""
+    c = client(port, timeout)
+    try:
+        c.request("GET", target)
+        resp = c.getresponse()
+        return resp, resp.read()
+    finally:
+        c.close()
+
+
 def raw_get(port: int, target: str, timeout: float = 5.0) -> tuple[bytes, bool]:
     """A raw HTTP/1.1 GET asking for Connection: close: (all bytes received, whether the
     proxy closed within `timeout`)."""
@@ -309,20 +318,29 @@ def wait_error_line(proxy: Proxy, marker: str, timeout: float = 5.0) -> str:
 # 2. a close-delimited body cut by a reset stays visibly cut
 
 
-def test_close_delimited_body_reset_by_backend_is_not_finished_with_last_chunk(env):
+# (what the backend does, the target, the body byte it sends, the detail logged)
+CUTS = {"reset": ("/close-delimited?end=reset", b"x", "reset"),
+        "tls-without-close-notify": ("/tls/cd?end=cut", b"t",
+                                     "reset, or TLS closed without close_notify")}
+
+
+@pytest.mark.parametrize("how", CUTS)
+def test_close_delimited_body_cut_by_backend_is_not_finished_with_last_chunk(env, how):
+    target, byte, detail = CUTS[how]
     tok = token()
-    raw, closed = cut_get(env.port, f"/close-delimited?end=reset&{tok}", tok)
+    raw, closed = cut_get(env.port, f"{target}&{tok}", tok)
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert b"transfer-encoding: chunked" in head.lower()
-    assert body.startswith(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+    assert body.startswith(b"3e8\r\n" + byte * 1000 + b"\r\n")
     assert not body.endswith(b"0\r\n\r\n"), "the cut body was finished with the last chunk"
     assert closed, "the client connection was kept after a cut body"
     # the access log shows what was sent; the error log says why it was cut
     line = access_line(env.proxy, tok)
     assert re.search(r'" 200 1000 ', line), line
-    wait_error_line(env.proxy, f"backend {env.raw.url}: connection closed before a "
-                               "complete response (reset)")
+    url = env.tls.url if how.startswith("tls") else env.raw.url
+    wait_error_line(env.proxy, f"backend {url}: connection closed before a complete "
+                               f"response ({detail})")
 
 
 def test_close_delimited_body_reset_by_backend_raises_incomplete_read_in_http_client(env):
@@ -337,40 +355,20 @@ def test_close_delimited_body_reset_by_backend_raises_incomplete_read_in_http_cl
     c.close()
 
 
-def test_close_delimited_body_ended_by_clean_close_is_complete(env):
-    """The guard for the above: a FIN ends a close-delimited body, and the client gets
-    it whole with the last chunk on a connection that stays open."""
+@pytest.mark.parametrize("target,byte", [("/close-delimited?end=fin", b"x"),
+                                         ("/tls/cd?end=notify", b"t")])
+def test_close_delimited_body_ended_by_clean_close_is_complete(env, target, byte):
+    """The guard for the above: a FIN (after TLS's close_notify, for a TLS backend) ends
+    a close-delimited body, and the client gets it whole with the last chunk, on a
+    connection that stays open."""
     tok = token()
     c = client(env.port)
-    c.request("GET", f"/close-delimited?end=fin&{tok}")
+    c.request("GET", f"{target}&{tok}")
     resp = c.getresponse()
     _go(tok).set()
-    assert (resp.status, resp.read()) == (200, b"x" * 1000)
+    assert (resp.status, resp.read()) == (200, byte * 1000)
     c.request("GET", "/echo/after")
     assert c.getresponse().status == 200   # the same client connection
-    c.close()
-
-
-def test_tls_backend_closing_without_close_notify_leaves_the_body_cut(env):
-    tok = token()
-    raw, closed = cut_get(env.port, f"/tls/cd?end=cut&{tok}", tok)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    assert body.startswith(b"3e8\r\n" + b"t" * 1000 + b"\r\n")
-    assert not body.endswith(b"0\r\n\r\n"), "a TLS close without close_notify ended the body"
-    assert closed
-    wait_error_line(env.proxy, f"backend {env.tls.url}: connection closed before a "
-                               "complete response (reset, or TLS closed without close_notify)")
-
-
-def test_tls_backend_closing_with_close_notify_ends_the_body(env):
-    """The guard for the above: close_notify, then the close, ends the body."""
-    tok = token()
-    c = client(env.port)
-    c.request("GET", f"/tls/cd?end=notify&{tok}")
-    resp = c.getresponse()
-    _go(tok).set()
-    assert (resp.status, resp.read()) == (200, b"t" * 1000)
     c.close()
 
 
@@ -384,12 +382,9 @@ TE_VARIANTS = ["two-lines", "list", "gzip-then-chunked", "chunked-not-last",
 
 @pytest.mark.parametrize("te", TE_VARIANTS)
 def test_backend_applying_chunked_twice_gets_the_client_a_502(env, te):
-    c = client(env.port)
-    c.request("GET", f"/te?te={te}&{token()}")
-    resp = c.getresponse()        # http.client hangs on a relayed "chunked, chunked"
-    body = resp.read()
+    # http.client hangs on a relayed "chunked, chunked" (until the timeout here)
+    resp, body = get(env.port, f"/te?te={te}&{token()}")
     assert resp.status == 502, (resp.status, resp.getheaders(), body[:200])
-    c.close()
 
 
 @pytest.mark.parametrize("te", TE_VARIANTS)
@@ -410,85 +405,49 @@ def test_backend_applying_chunked_twice_never_reaches_the_client_raw(env, te):
 
 
 def test_header_line_of_response_field_size_is_relayed(env):
-    c = client(env.port)
-    c.request("GET", f"/line?n={FIELD}&{token()}")
-    resp = c.getresponse()
-    assert (resp.status, resp.read()) == (200, b"ok")
+    resp, body = get(env.port, f"/line?n={FIELD}&{token()}")
+    assert (resp.status, body) == (200, b"ok")
     assert len(resp.getheader("Set-Cookie")) == FIELD - len("Set-Cookie: ")
 
 
-def test_header_line_one_byte_over_response_field_size_gets_502(env):
-    tok = token()
-    c = client(env.port)
-    c.request("GET", f"/line?n={FIELD + 1}&{tok}")
-    resp = c.getresponse()
-    assert resp.status == 502
-    resp.read()
-    wait_error_line(env.proxy, f"backend {env.raw.url}: a response header line longer than "
-                               f"{FIELD} bytes (response_field_size)")
+LINE_TOO_LONG = f"a response header line longer than {FIELD} bytes (response_field_size)"
+OVER = {"header-line": (f"/line?n={FIELD + 1}", LINE_TOO_LONG),
+        "status-line": (f"/status?n={FIELD + 1}", LINE_TOO_LONG),
+        # 50 lines of 2000 bytes, arriving in pieces: each line is fine, the head is not
+        "head": ("/lines?count=50&size=2000",
+                 f"a response head larger than {HEAD} bytes (response_head_size)")}
+
+
+@pytest.mark.parametrize("what", OVER)
+def test_response_head_over_a_limit_gets_502_and_the_cause_logged(env, what):
+    target, cause = OVER[what]
+    resp, _ = get(env.port, f"{target}&{token()}")
+    assert (resp.status, resp.getheader("Set-Cookie")) == (502, None)
+    wait_error_line(env.proxy, f"backend {env.raw.url}: {cause}")
 
 
 def test_ten_megabyte_set_cookie_gets_502(env):
-    c = client(env.port)
-    c.request("GET", f"/line?n={10 * MIB}&{token()}")
-    resp = c.getresponse()
-    assert resp.status == 502
-    assert resp.getheader("Set-Cookie") is None
-    resp.read()
+    resp, _ = get(env.port, f"/line?n={10 * MIB}&{token()}")
+    assert (resp.status, resp.getheader("Set-Cookie")) == (502, None)
 
 
-def test_status_line_over_response_field_size_gets_502(env):
-    c = client(env.port)
-    c.request("GET", f"/status?n={FIELD + 1}&{token()}")
-    resp = c.getresponse()
-    assert resp.status == 502
-    resp.read()
-
-
-def test_route_with_larger_response_field_size_relays_a_longer_line(env):
-    c = client(env.port)
-    c.request("GET", f"/wide/line?n=16000&{token()}")
-    resp = c.getresponse()
-    assert (resp.status, resp.read()) == (200, b"ok")
+@pytest.mark.parametrize("prefix", ["/wide/", "/member/"])
+def test_worker_with_larger_response_field_size_relays_a_longer_line(env, prefix):
+    """response_field_size set on a route (/wide/) and on a balancer member (/member/)."""
+    resp, body = get(env.port, f"{prefix}line?n=16000&{token()}")
+    assert (resp.status, body) == (200, b"ok")
     assert len(resp.getheader("Set-Cookie")) == 16000 - len("Set-Cookie: ")
-
-
-def test_balancer_member_with_larger_response_field_size_relays_a_longer_line(env):
-    c = client(env.port)
-    c.request("GET", f"/member/line?n=16000&{token()}")
-    resp = c.getresponse()
-    assert (resp.status, resp.read()) == (200, b"ok")
-    c.request("GET", f"/member/line?n=16385&{token()}")
-    resp = c.getresponse()
-    assert resp.status == 502
-    resp.read()
-
-
-def test_response_head_over_response_head_size_gets_502(env):
-    """50 lines of 2000 bytes, arriving in pieces: each line is fine, the head is not."""
-    tok = token()
-    c = client(env.port)
-    c.request("GET", f"/lines?count=50&size=2000&{tok}")
-    resp = c.getresponse()
-    assert resp.status == 502
-    resp.read()
-    wait_error_line(env.proxy, f"backend {env.raw.url}: a response head larger than "
-                               f"{HEAD} bytes (response_head_size)")
+    assert get(env.port, f"{prefix}line?n=16385&{token()}")[0].status == 502
 
 
 def test_response_head_just_under_response_head_size_is_relayed(env):
-    c = client(env.port)
-    c.request("GET", f"/lines?count=60&size=1000&{token()}")
-    resp = c.getresponse()
-    assert (resp.status, resp.read()) == (200, b"ok")
+    resp, body = get(env.port, f"/lines?count=60&size=1000&{token()}")
+    assert (resp.status, body) == (200, b"ok")
     assert len(resp.getheader("X-Filler")) > 60 * 990
 
 
 def test_route_with_larger_response_head_size_relays_a_larger_head(env):
-    c = client(env.port)
-    c.request("GET", f"/wide/lines?count=50&size=2000&{token()}")
-    resp = c.getresponse()
-    assert (resp.status, resp.read()) == (200, b"ok")
+    assert get(env.port, f"/wide/lines?count=50&size=2000&{token()}")[0].status == 200
 
 
 @pytest.mark.parametrize("kind,mib", [("lines", 200), ("line", 100)])
@@ -497,31 +456,18 @@ def test_endless_response_head_gets_502_with_bounded_memory(fresh, kind, mib):
     connection is closed, the proxy's peak memory stays near its idle size, and other
     clients are answered meanwhile."""
     proxy = fresh.proxy
-    warm = client(fresh.port)
-    warm.request("GET", "/echo/warm")
-    assert warm.getresponse().read()
-    warm.close()
+    assert get(fresh.port, "/echo/warm")[0].status == 200
     before = proxy.peak_rss_kib()
     tok = token()
     result = {}
 
     def huge():
-        c = client(fresh.port, timeout=60)
-        c.request("GET", f"/huge?kind={kind}&mib={mib}&{tok}")
-        resp = c.getresponse()
-        result["status"] = resp.status
-        resp.read()
-        c.close()
+        result["status"] = get(fresh.port, f"/huge?kind={kind}&mib={mib}&{tok}", 60)[0].status
 
     t = threading.Thread(target=huge, daemon=True)
     t.start()
     assert _go(tok).wait(10)
-    other = client(fresh.port, timeout=60)
-    other.request("GET", "/echo/meanwhile")
-    resp = other.getresponse()
-    assert resp.status == 200
-    resp.read()
-    other.close()
+    assert get(fresh.port, "/echo/meanwhile", 60)[0].status == 200
     t.join(60)
     deadline = time.monotonic() + 10
     while tok not in SEEN and time.monotonic() < deadline:

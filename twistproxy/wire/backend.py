@@ -204,8 +204,10 @@ class BackendConnection(Protocol):
         after a short head). on_headers_complete then measures the head; a read that
         ends inside it is checked here, as llhttp keeps an unfinished line to itself."""
         self._read = data
-        self._feed(ex, data)
-        self._read = b""
+        try:
+            self._feed(ex, data)
+        finally:
+            self._read = b""         # not kept: an idle connection would hold the read
         if self._in_body or self.exchange is not ex or self._done:
             return
         nl = data.rfind(b"\n")
