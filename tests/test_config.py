@@ -373,6 +373,16 @@ ERRORS = [
       "must be true or false", id="keepalive-type"),
     E(doc(ROUTE + "\nupgrade = 5"), "vhost[0].route[0].upgrade", "5", "must be a string",
       id="upgrade-type"),
+    E(doc(ROUTE + "\nresponse_field_size = 100"), "vhost[0].route[0].response_field_size",
+      "100", "must be a whole number from 256 to 16777216", id="response-field-size-small"),
+    E(doc(ROUTE + '\nresponse_field_size = "8k"'), "vhost[0].route[0].response_field_size",
+      "'8k'", "must be a whole number from 256 to 16777216", id="response-field-size-string"),
+    E(doc(ROUTE + "\nresponse_head_size = 1e6"), "vhost[0].route[0].response_head_size",
+      "1000000.0", "must be a whole number from 256 to 67108864",
+      id="response-head-size-float"),
+    E(doc(ROUTE + "\nresponse_head_size = 4096"), "vhost[0].route[0].response_head_size",
+      "4096", "must not be less than response_field_size (8192)",
+      id="response-head-below-field"),
 
     # -- [balancer.NAME] -----------------------------------------------------------
     E(doc(ROUTE, after=balancer(name="IIS")), "balancer.IIS", "'IIS'",
@@ -499,6 +509,8 @@ ERRORS = [
       "must be [LOW, HIGH] status codes", id="hcexpect-float"),
     E(member_doc("max = 2\nsmax = 3"), "balancer.app.member[0].smax", "3",
       "must not exceed max (2)", id="member-smax-over-max"),
+    E(member_doc("response_field_size = 0"), "balancer.app.member[0].response_field_size",
+      "0", "must be a whole number from 256 to 16777216", id="member-response-field-size"),
     E(member_doc('timeout = "abc"'), "balancer.app.member[0].timeout", "'abc'",
       "must be seconds", id="member-timeout-abc"),
     E(member_doc("retry = false"), "balancer.app.member[0].retry", "false", "must be seconds",
@@ -635,6 +647,16 @@ def test_worker_params_on_route():
     assert cfg.vhosts[0].routes[0].worker == WorkerParams(
         max=10, smax=10, ttl=60.0, acquire=0.5, connectiontimeout=3.0, timeout=30.0,
         disablereuse=True, keepalive=True, retry=0.0, ping=0.25, upgrade="websocket")
+
+
+def test_response_head_limits_default_and_per_route_and_member():
+    w = ok(doc(ROUTE)).vhosts[0].routes[0].worker
+    assert (w.response_field_size, w.response_head_size) == (8192, 65536)
+    w = ok(doc(ROUTE + "\nresponse_field_size = 16384\nresponse_head_size = 16384")
+           ).vhosts[0].routes[0].worker
+    assert (w.response_field_size, w.response_head_size) == (16384, 16384)
+    m = ok(member_doc("response_field_size = 512")).balancers["app"].members[0].worker
+    assert (m.response_field_size, m.response_head_size) == (512, 65536)
 
 
 def test_smax_without_max_and_zero_smax():

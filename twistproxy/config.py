@@ -88,6 +88,8 @@ class WorkerParams:
     verify: bool = True      # https/wss backends: check the certificate and host name
     ca_file: str = ""        # trust these CAs (PEM) instead of the system's
     status: str = ""         # a route's worker: "-I" puts it in error state (see pool.py)
+    response_field_size: int = 8192     # longest response status/header line (-> 502)
+    response_head_size: int = 65536     # largest whole response head (-> 502)
 
 
 @dataclass(frozen=True)
@@ -695,6 +697,13 @@ class _Loader:
             raise self.fail(f"{w}.smax", smax, f"must not exceed max ({mx})")
         opt = lambda k, lo=0.0: self.duration(f"{w}.{k}", g(k), lo) if k in raw else None
         upgrade = self.string(f"{w}.upgrade", g("upgrade", d.upgrade))
+        field = self.integer(f"{w}.response_field_size",
+                             g("response_field_size", d.response_field_size), 256, 1 << 24)
+        head = self.integer(f"{w}.response_head_size",
+                            g("response_head_size", d.response_head_size), 256, 1 << 26)
+        if head < field:
+            raise self.fail(f"{w}.response_head_size", head,
+                            f"must not be less than response_field_size ({field})")
         return WorkerParams(
             max=mx, smax=smax,
             ttl=opt("ttl", 0.001), acquire=opt("acquire", 0.001),
@@ -707,6 +716,7 @@ class _Loader:
             verify=self.boolean(f"{w}.verify", g("verify", True)),
             ca_file=self.file(f"{w}.ca_file", g("ca_file")) if "ca_file" in raw else "",
             status=str(g("status", "")).upper(),      # checked by route() or member()
+            response_field_size=field, response_head_size=head,
         )
 
     def backend_url(self, w: str, value: Any, balancers, groups: int = 0,

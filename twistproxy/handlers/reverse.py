@@ -51,13 +51,16 @@ def _allowed_upgrade(headers, allowed: frozenset) -> bytes:
     return b""
 
 
-def _loss_detail(reason) -> str:
+def _loss_detail(reason, tls: bool = False) -> str:
     """Why a backend connection ended, when it says more than "closed" (TLS errors)."""
     if reason is None:
         return ""
     from twisted.internet.error import ConnectionDone, ConnectionLost
-    if reason.check(ConnectionDone, ConnectionLost):
+    if reason.check(ConnectionDone):
         return ""
+    if reason.check(ConnectionLost):
+        # not a clean close; Twisted reports a TLS EOF without close_notify so too
+        return "reset, or TLS closed without close_notify" if tls else "reset"
     value = reason.value
     text = str(value) or value.__class__.__name__
     if value.__class__.__name__ == "Error" and value.args and isinstance(value.args[0], list):
@@ -490,7 +493,7 @@ class ReverseExchange:
                 return
         why = "connection closed before a complete response" if bconn.got_bytes else \
             "connection closed without a response"
-        detail = _loss_detail(reason)
+        detail = _loss_detail(reason, self.pool.tls)
         why = f"{why} ({detail})" if detail else why
         self._fail(502, self._not_resent(why) if unanswered else why)
 

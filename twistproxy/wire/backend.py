@@ -4,23 +4,31 @@ Owns a TCP (or TLS) connection to one backend: writing a request head, parsing t
 response with httptools (llhttp), telling the current exchange what arrived, and
 deciding whether the connection can be reused. It never pipelines, so any byte that
 arrives while no request is outstanding means the connection cannot be trusted.
+The response head is bounded (the worker's response_field_size per line and
+response_head_size in all), since llhttp would otherwise keep an unfinished line whole.
 What the exchange is told: backend_interim, backend_head, backend_body,
 backend_complete, backend_invalid, backend_lost.
 """
 
 from __future__ import annotations
 
+from itertools import chain
+
 import httptools
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from ..config import WorkerParams
 from ..headers import transfer_codings
 from .deadline import Deadline
 from .direct import writer_for
 
 _BODYLESS_STATUS = (204, 304)
 _CONNECTION_AUTH = (b"ntlm", b"negotiate")     # schemes that authenticate a connection
+_DEFAULTS = WorkerParams()
+_NOT_AT_START = b"?"      # stands for a read in which the head does not begin
 
 
 @implementer(IPushProducer)
@@ -72,6 +80,12 @@ class BackendConnection(Protocol):
         self._trailers: list | None = None
         self._reason = b""
         self._interim = False
+        params = pool.params or _DEFAULTS
+        self._field_limit = params.response_field_size
+        self._head_limit = params.response_head_size
+        self._head_bytes = 0        # read since the request went out, until the final head
+        self._read = b""            # the read being parsed, while it holds head bytes
+        self._line = 0              # bytes of an unfinished head line, once that is measured
         # llhttp is at a message boundary after a complete response, so the next
         # request's response can go to the same parser (not after HEAD: see below)
         self._parser_ready = False
@@ -103,7 +117,11 @@ class BackendConnection(Protocol):
         if ex is not None:
             if self._in_body and self._close_delimited and not self._done:
                 self._done = True
-                ex.backend_complete(self, None)      # a body delimited by the close
+                if reason is None or reason.check(ConnectionDone):
+                    ex.backend_complete(self, None)      # a body delimited by the close
+                else:
+                    # a reset, or TLS closed without close_notify: the body was cut
+                    ex.backend_lost(self, reason)
             else:
                 ex.backend_lost(self, reason)
         self.pool.lost(self)
@@ -121,6 +139,7 @@ class BackendConnection(Protocol):
         self._head_method = is_head
         self._close_delimited = False
         self._in_body = False
+        self._head_bytes = 0
         if not self._parser_ready:
             self.parser = httptools.HttpResponseParser(self)
         self._parser_ready = False
@@ -172,9 +191,53 @@ class BackendConnection(Protocol):
         client = ex.conn
         client.cork()            # what this read produces goes out in one send
         try:
-            self._feed(ex, data)
+            if self._in_body:
+                self._feed(ex, data)
+            else:
+                self._head_bytes += len(data)
+                if self._head_bytes <= self._field_limit:
+                    self._feed(ex, data)     # the usual head: short, whole or not
+                else:
+                    self._feed_long_head(ex, data)
         finally:
             client.uncork()
+
+    def _feed_long_head(self, ex, data: bytes) -> None:
+        """More head bytes than a line may hold have been read (possibly body bytes
+        after a short head). on_headers_complete then measures the head; a read that
+        ends inside it is checked here, as llhttp keeps an unfinished line to itself."""
+        self._read = data
+        try:
+            self._feed(ex, data)
+        finally:
+            self._read = b""         # not kept: an idle connection would hold the read
+        if self._in_body or self.exchange is not ex or self._done:
+            return
+        nl = data.rfind(b"\n")
+        if nl >= 0:
+            self._line = len(data) - nl - 1
+        elif self._head_bytes - len(data) > self._field_limit:
+            self._line += len(data)  # measured since this regime began
+        else:
+            self._line = len(data)   # at least: earlier reads were not measured
+        why = self._head_fault(self._line, self._head_bytes)
+        if why:
+            self.reusable = False
+            self._done = True
+            self.exchange = None
+            ex.backend_invalid(self, why)
+
+    def _head_fault(self, partial: int, size: int) -> str:
+        """Why the head read so far breaks response_field_size or response_head_size.
+        A line counts "Name: value" (the status line "HTTP/1.1 200 reason"); an
+        unfinished one may hold the CR of its CRLF."""
+        limit = self._field_limit
+        if partial > limit + 1 or size > limit and (len(self._reason) + 13 > limit or any(
+                len(n) + len(v) + 2 > limit for n, v in self._headers)):
+            return f"a response header line longer than {limit} bytes (response_field_size)"
+        if size > self._head_limit:
+            return f"a response head larger than {self._head_limit} bytes (response_head_size)"
+        return ""
 
     def _feed(self, ex, data: bytes) -> None:
         try:
@@ -198,8 +261,8 @@ class BackendConnection(Protocol):
             if not self._complete_pending:
                 self._done = True
                 self.exchange = None
-                why = "a 101 Switching Protocols that was not asked for" \
-                    if isinstance(e.__context__, _Unexpected101) else f"invalid response: {e}"
+                why = str(e.__context__) if isinstance(e.__context__, _Invalid) \
+                    else f"invalid response: {e}"
                 ex.backend_invalid(self, why)
                 return
         if self._complete_pending:
@@ -235,6 +298,8 @@ class BackendConnection(Protocol):
     def on_headers_complete(self):
         if self._done:
             return
+        if self._read:
+            self._check_head()
         p = self.parser
         status = p.get_status_code()
         if status == 101 and self.upgrade_requested:
@@ -242,8 +307,10 @@ class BackendConnection(Protocol):
             return
         if 100 <= status < 200:
             self._interim = True
+            if self._read:
+                self._read = _NOT_AT_START   # the final head after it must be measured
             if status == 101:
-                raise _Unexpected101()
+                raise _Invalid("a 101 Switching Protocols that was not asked for")
             self.exchange.backend_interim(status, self._reason, self._headers)
             return
         self._interim = False
@@ -267,6 +334,9 @@ class BackendConnection(Protocol):
             # Codings before chunked (gzip, ...) describe the body and travel with it.
             # (llhttp refuses Content-Length with Transfer-Encoding.)
             chunked = codings[-1] == b"chunked"
+            if _chunked_again(codings, chunked):
+                raise _Invalid("Transfer-Encoding %r applies chunked more than once, or not "
+                               "last" % b", ".join(codings).decode("latin-1"))
             codings = codings[:-1] if chunked else codings
             length = None
         if not p.should_keep_alive():
@@ -281,6 +351,19 @@ class BackendConnection(Protocol):
             # llhttp cannot be told the response answers HEAD: end it here
             self._done = True
             self._complete_pending = True
+
+    def _check_head(self) -> None:
+        """More was read than a line may hold, but that may be body bytes after a short
+        head (one search tells, when the head began this read); else measure it."""
+        data = self._read
+        if len(data) == self._head_bytes and \
+                data.find(b"\r\n\r\n", 0, self._field_limit) >= 0:
+            return
+        h = self._headers
+        why = self._head_fault(0, len(self._reason) + 17 + 4 * len(h) +
+                               len(b"".join(chain.from_iterable(h))))
+        if why:
+            raise _Invalid(why)
 
     def on_body(self, data: bytes):
         if self._done:
@@ -299,5 +382,12 @@ class BackendConnection(Protocol):
         self._parser_ready = True
 
 
-class _Unexpected101(Exception):
-    pass
+def _chunked_again(codings: list, chunked: bool) -> bool:
+    """Chunked named anywhere but as the single last coding (RFC 9112 §6.1: applied
+    once): the client would undo it once more than llhttp did, or read it differently."""
+    named = sum(1 for c in codings if c.split(b";", 1)[0].rstrip() == b"chunked")
+    return named > chunked
+
+
+class _Invalid(Exception):
+    """Raised in a parser callback: the response is refused with this reason (502)."""
