@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from harness import ROOT, Echo, Proxy, free_port, script, wait_port
+from harness import ROOT, Echo, Proxy, free_port, raw_request, script, wait_port
 
 EXAMPLES = ROOT / "etc" / "examples"
 
@@ -95,14 +95,13 @@ listen = ["127.0.0.1:{tls_port}"]
         assert "example.com" in _peer_names(tls_port, ctx, "example.com")
         assert "example.com" in _peer_names(tls_port, ctx, "127.0.0.1")   # no SNI
         # the proxy as a client: ca.pem verifies the backend; the system's CAs do not
-        with socket.create_connection(("127.0.0.1", front_port), timeout=10) as s:
-            s.sendall(b"GET /verified/x HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
-            answer = b"".join(iter(lambda: s.recv(65536), b""))
+        def get(path):
+            return raw_request(front_port, b"GET %s HTTP/1.1\r\nHost: front\r\n"
+                               b"Connection: close\r\n\r\n" % path, timeout=10)
+        answer = get(b"/verified/x")
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["server"] == "behind-tls"
-        with socket.create_connection(("127.0.0.1", front_port), timeout=10) as s:
-            s.sendall(b"GET /system-cas/x HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
-            answer = b"".join(iter(lambda: s.recv(65536), b""))
+        answer = get(b"/system-cas/x")
         assert answer.startswith(b"HTTP/1.1 502 "), answer
     finally:
         proxy.stop()
