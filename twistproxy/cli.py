@@ -1,7 +1,8 @@
-"""The `twistproxy` command: run, check, demo, --version.
+"""The `twistproxy` command: run, check, demo, dev-certs, --version.
 
 `run` builds the same service as the twistd plugin; `check` validates a file and
-prints a one-line summary; `demo` starts built-in backends and a proxy in front.
+prints a one-line summary; `demo` starts built-in backends and a proxy in front;
+`dev-certs` writes throwaway certificates for trying TLS (twistproxy/devcerts.py).
 Errors are one line on stderr: exit status 2 for configuration, 1 for start-up.
 """
 
@@ -65,6 +66,11 @@ def cmd_demo(args) -> int:
     return run_demo(args.listen, args.log_level, _start_logging, _run_service)
 
 
+def cmd_dev_certs(args) -> int:
+    from .devcerts import run_dev_certs
+    return run_dev_certs(args.dir, args.names, args.force)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="twistproxy",
@@ -84,11 +90,20 @@ def main(argv=None) -> int:
                    help="address:port of the demo proxy (default 127.0.0.1:8080)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("dev-certs", help="write a throwaway CA and certificates for "
+                       "trying TLS locally (etc/examples/tls-edge.toml: etc/examples/tls)")
+    p.add_argument("dir", help="the folder to write them to (created)")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="a certificate for each (NAME, *.NAME, localhost, 127.0.0.1, ::1); "
+                        "default: example.com example.org")
+    p.add_argument("--force", action="store_true", help="replace files that exist")
+    p.set_defaults(func=cmd_dev_certs, reactor=False)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _install_reactor()
+    if getattr(args, "reactor", True):
+        _install_reactor()
     return args.func(args)
 
 

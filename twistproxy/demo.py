@@ -52,6 +52,17 @@ sticky_cookie = {{ name = "ROUTEID", path = "/" }}
 """
 
 
+def _python() -> str:
+    """This interpreter, as the user can type it (relative when below the current folder):
+    it has twistproxy, whatever environment it lives in."""
+    import os
+    import shlex
+    path = sys.executable
+    if path.startswith(os.getcwd() + os.sep):
+        path = os.path.relpath(path)
+    return shlex.quote(path)
+
+
 def run_demo(listen: str, log_level: str, start_logging, run_service) -> int:
     from twisted.internet import reactor
 
@@ -81,7 +92,7 @@ Try:
   curl -si -c /tmp/jar -b /tmp/jar {base}/    # sticky: the ROUTEID cookie pins one app
   curl -s {base}/app1/some/path?q=1           # path route straight to app1 (/some/path)
   curl -s -X POST --data-binary @/etc/hostname {base}/upload
-  python -m websockets {base.replace("http", "ws")}/ws       # type a line, it echoes back
+  {_python()} -m twistproxy.wsclient {base.replace("http", "ws")}/ws   # type a line, it echoes back
 Every request is logged below (Combined Log Format + microseconds + backend).
 Configuration in use:
 {text}

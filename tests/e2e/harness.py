@@ -18,6 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def script(name: str) -> str:
+    """A console script (twistproxy, twistd) of the environment running the tests: beside
+    sys.executable, so an unactivated venv (.venv/bin/python -m pytest) finds its own."""
+    return str(Path(sys.executable).parent / name)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

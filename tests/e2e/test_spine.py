@@ -10,10 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from harness import ROOT, Echo, Proxy, free_port, wait_port
+from harness import ROOT, Echo, Proxy, free_port, script, wait_port
 
 
 def run(*args, timeout=30, **kw):
@@ -165,11 +166,35 @@ server_name = "x"
         taken.close()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may bind privileged ports")
-def test_privileged_port_message(tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 80\n[[vhost]]\nserver_name = "x"\n')
-    result = run(sys.executable, "-m", "twistproxy.cli", "run", str(cfg))
+def _without_bind_privilege(cfg) -> list[str]:
+    """`twistproxy run cfg` as it runs without the right to bind ports below 1024. As
+    root: as the user nobody when nobody can `check` cfg with this interpreter, else as
+    root with CAP_NET_BIND_SERVICE dropped (an interpreter or checkout under /root)."""
+    cmd = [sys.executable, "-m", "twistproxy.cli"]
+    if os.geteuid() != 0:
+        return [*cmd, "run", cfg]
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                 "--clear-groups", "--"]
+    if run(*as_nobody, *cmd, "check", cfg).returncode == 0:
+        return [*as_nobody, *cmd, "run", cfg]
+    return ["setpriv", "--inh-caps=-net_bind_service", "--bounding-set=-net_bind_service",
+            "--", *cmd, "run", cfg]
+
+
+def test_privileged_port_message():
+    start = int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read())
+    if start <= 80:
+        pytest.skip(f"net.ipv4.ip_unprivileged_port_start is {start}: anyone may bind 80")
+    # a folder any user can read (pytest's tmp_path is private to its owner)
+    with tempfile.TemporaryDirectory() as shared:
+        os.chmod(shared, 0o755)
+        cfg = os.path.join(shared, "c.toml")
+        with open(cfg, "w") as f:
+            f.write('[[listen]]\naddress = "127.0.0.1"\nport = 80\n[[vhost]]\nserver_name = "x"\n')
+        os.chmod(cfg, 0o644)
+        result = run(*_without_bind_privilege(cfg))
     assert result.returncode != 0
     _one_line_failure(result, "cannot listen on 127.0.0.1:80: permission denied")
 
@@ -203,11 +228,11 @@ def test_check_command_exit_codes(tmp_path):
 
 
 def test_console_script_version_and_check():
-    result = run("twistproxy", "--version")
+    result = run(script("twistproxy"), "--version")
     assert result.returncode == 0
     from twistproxy import __version__
     assert result.stdout.strip() == f"twistproxy {__version__}"
-    result = run("twistproxy", "check", str(ROOT / "etc" / "twistproxy.toml"))
+    result = run(script("twistproxy"), "check", str(ROOT / "etc" / "twistproxy.toml"))
     assert result.returncode == 0
 
 
@@ -220,7 +245,7 @@ def test_run_with_bad_config_exits_2(tmp_path):
 
 
 def test_twistd_plugin_is_listed():
-    result = run("twistd", "--help")
+    result = run(script("twistd"), "--help")
     assert "twistproxy" in result.stdout
 
 
@@ -243,8 +268,9 @@ server_name = "t"
     logfile = tmp_path / "twistd.log"
     pidfile = tmp_path / "twistd.pid"
     chosen = [f"--reactor={reactor}"] if reactor else []
-    proc = subprocess.Popen(["twistd", "-n", *chosen, "--logfile", str(logfile), "--pidfile",
-                             str(pidfile), "twistproxy", "--config", str(cfg)], cwd=tmp_path)
+    proc = subprocess.Popen([script("twistd"), "-n", *chosen, "--logfile", str(logfile),
+                             "--pidfile", str(pidfile), "twistproxy", "--config", str(cfg)],
+                            cwd=tmp_path)
     try:
         wait_port("127.0.0.1", port, proc=proc)
         r, body = get("127.0.0.1", port, "/via-twistd")
@@ -269,7 +295,7 @@ server_name = "t"
 def test_twistd_bad_config_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 99999\n[[vhost]]\nserver_name="a"\n')
-    result = run("twistd", "-n", "--pidfile", "", "twistproxy", "--config", str(bad))
+    result = run(script("twistd"), "-n", "--pidfile", "", "twistproxy", "--config", str(bad))
     assert result.returncode == 2
     _one_line_failure(result, "listen[0].port: 99999 must be a whole number from 1 to 65535")
 
@@ -283,7 +309,7 @@ def test_twistd_port_in_use(tmp_path):
     cfg.write_text(f'[[listen]]\naddress = "127.0.0.1"\nport = {port}\n'
                    '[[vhost]]\nserver_name = "x"\n')
     try:
-        result = run("twistd", "-n", "--pidfile", "", "twistproxy", "--config", str(cfg))
+        result = run(script("twistd"), "-n", "--pidfile", "", "twistproxy", "--config", str(cfg))
         assert result.returncode != 0
         _one_line_failure(result, f"cannot listen on 127.0.0.1:{port}: address already in use")
     finally:
