@@ -298,7 +298,12 @@ class ClientConnection(Protocol):
                 log.failure("request handling failed", failure=None)
                 self._fail(500, f"internal error: {ctx!r}")
         except httptools.HttpParserError as e:
-            self._fail(400, f"malformed request: {e}")
+            cur = self.cur
+            if cur is not None and cur.url_len and self.parser.get_method() in _RTSP_METHODS:
+                # llhttp's answer to an RTSP method in an HTTP/x.y request line
+                self._fail(501, f"unknown method {self.parser.get_method()!r}")
+            else:
+                self._fail(400, f"malformed request: {e}")
         self._data = None
 
     def _blank_lines(self, data: bytes) -> bytes:
@@ -394,13 +399,14 @@ class ClientConnection(Protocol):
             if version[0] == "0":     # HTTP/0.9, or a request line without a version
                 raise Reject(400, f"HTTP/{version} request")
             raise Reject(505, f"HTTP/{version} is not supported")
-        if req.version == b"1.0" and self._data is not None:
+        if req.version == b"1.0":
             # llhttp also takes RTSP/1.0 and ICE/1.0 request lines, reported as 1.0
             line = self._data
-            if line.find(req.target + b" RTSP/") >= 0 or line.find(req.target + b" ICE/") >= 0:
+            if line is not None and (line.find(req.target + b" RTSP/") >= 0 or
+                                     line.find(req.target + b" ICE/") >= 0):
                 raise Reject(400, "not an HTTP request line")
-        if method in _RTSP_METHODS:
-            raise Reject(501, f"unknown method {method!r}")
+            if method in _RTSP_METHODS:
+                raise Reject(501, f"unknown method {method!r}")
         req.keep_alive = p.should_keep_alive()
         req.upgrade = p.should_upgrade()
         hosts = []
