@@ -80,6 +80,21 @@ class Recorder:
             return any(text.encode("latin-1") in h for h in self.heads)
 
 
+# one reverse vhost per allow_encoded_slashes mode, each with a /a/b route (to see how
+# /a%2Fb is routed) before its catch-all; then the forward proxy on its own listener
+VHOST = """
+[[vhost]]
+server_name = "{name}"
+listen = ["127.0.0.1:{port}"]
+{setting}
+  [[vhost.route]]
+  path = "/a/b"
+  url = "http://127.0.0.1:{backend}/AB"
+  [[vhost.route]]
+  path = "/"
+  url = "http://127.0.0.1:{backend}/"
+"""
+
 CONFIG = """
 [server]
 access_log = "-"
@@ -91,45 +106,22 @@ port = {port}
 [[listen]]
 address = "127.0.0.1"
 port = {fwd_port}
-
-[[vhost]]
-server_name = "proxy.test"
-listen = ["127.0.0.1:{port}"]
-  [[vhost.route]]
-  path = "/a/b"
-  url = "http://127.0.0.1:{backend}/AB"
-  [[vhost.route]]
-  path = "/"
-  url = "http://127.0.0.1:{backend}/"
-
-[[vhost]]
-server_name = "on.test"
-listen = ["127.0.0.1:{port}"]
-allow_encoded_slashes = "on"
-  [[vhost.route]]
-  path = "/a/b"
-  url = "http://127.0.0.1:{backend}/AB"
-  [[vhost.route]]
-  path = "/"
-  url = "http://127.0.0.1:{backend}/"
-
-[[vhost]]
-server_name = "nodecode.test"
-listen = ["127.0.0.1:{port}"]
-allow_encoded_slashes = "nodecode"
-  [[vhost.route]]
-  path = "/a/b"
-  url = "http://127.0.0.1:{backend}/AB"
-  [[vhost.route]]
-  path = "/"
-  url = "http://127.0.0.1:{backend}/"
-
+{vhosts}
 [[vhost]]
 server_name = "forward.test"
 listen = ["127.0.0.1:{fwd_port}"]
 proxy_requests = true
 allow_connect = ["1-65535"]
 """
+
+
+def config(port: int, fwd_port: int, backend: int) -> str:
+    vhosts = "".join(VHOST.format(name=name, setting=setting, port=port, backend=backend)
+                     for name, setting in (("proxy.test", ""),     # the default: off
+                                           ("on.test", 'allow_encoded_slashes = "on"'),
+                                           ("nodecode.test",
+                                            'allow_encoded_slashes = "nodecode"')))
+    return CONFIG.format(port=port, fwd_port=fwd_port, vhosts=vhosts)
 
 
 @dataclass
@@ -147,7 +139,7 @@ def env(tmp_path_factory):
     port, fwd_port = free_port(), free_port()
     proxy = None
     try:
-        proxy = Proxy(CONFIG.format(port=port, fwd_port=fwd_port, backend=backend.port), tmp)
+        proxy = Proxy(config(port, fwd_port, backend.port), tmp)
         yield Env(proxy, port, fwd_port, backend)
     finally:
         if proxy is not None:
