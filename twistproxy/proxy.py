@@ -293,6 +293,7 @@ class ProxyContext:
 
     def _forward(self, conn, req, gate, scheme: bytes, authority: bytes, path: bytes) -> None:
         """An absolute-form request for another host, through a proxy_requests vhost."""
+        # never None: absolute_form() has checked the authority
         host, port = host_port(authority, 443 if scheme == b"https" else 80)
         _set_host(req, authority)
         rt = req.route = gate.runtime
