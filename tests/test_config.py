@@ -215,6 +215,10 @@ ERRORS = [
       "must be true or false", id="vhost-chain-auth-type"),
     E(doc(vhost='proxy_via = "maybe"\n'), "vhost[0].proxy_via", "'maybe'",
       "must be one of: off, on, full, block", id="vhost-proxy-via"),
+    E(doc(vhost='allow_encoded_slashes = "decode"\n'), "vhost[0].allow_encoded_slashes",
+      "'decode'", "must be one of: off, on, nodecode", id="vhost-allow-encoded-slashes"),
+    E(doc(vhost='allow_encoded_slashes = true\n'), "vhost[0].allow_encoded_slashes",
+      "true", "must be a string", id="vhost-allow-encoded-slashes-type"),
     E(doc(vhost="route = 5\n"), "vhost[0].route", "5", "must be an array of tables",
       id="vhost-route-type"),
 
@@ -618,8 +622,8 @@ def test_defaults():
     assert ok(doc(ROUTE, top="[server]\nbusy_poll = 0\n")).server.busy_poll == 0
     v = cfg.vhosts[0]
     assert v == VhostConfig("localhost", routes=v.routes)
-    assert (v.preserve_host, v.add_headers, v.proxy_via, v.proxy_chain_auth) == \
-        (False, True, "off", False)
+    assert (v.preserve_host, v.add_headers, v.proxy_via, v.proxy_chain_auth,
+            v.allow_encoded_slashes) == (False, True, "off", False, "off")
     r = v.routes[0]
     assert r.worker == WorkerParams()
     assert (r.worker.max, r.worker.smax, r.worker.ttl, r.worker.acquire,
@@ -662,6 +666,13 @@ def test_response_head_limits_default_and_per_route_and_member():
 def test_smax_without_max_and_zero_smax():
     w = ok(doc(ROUTE + "\nsmax = 0")).vhosts[0].routes[0].worker
     assert (w.max, w.smax) == (None, 0)
+
+
+@pytest.mark.parametrize("written, mode", [("off", "off"), ("On", "on"),
+                                           ("NoDecode", "nodecode")])
+def test_allow_encoded_slashes_modes(written, mode):
+    cfg = ok(doc(ROUTE, vhost=f'allow_encoded_slashes = "{written}"\n'))
+    assert cfg.vhosts[0].allow_encoded_slashes == mode
 
 
 def test_choices_are_case_insensitive_and_normalised():

@@ -3,7 +3,7 @@
 import pytest
 
 from twistproxy.config import loads
-from twistproxy.routing import RouteMatch, Router, normalize_path
+from twistproxy.routing import RouteMatch, Router, has_encoded_slash, normalize_path
 
 LISTEN = '[[listen]]\naddress = "127.0.0.1"\nport = 8080\n'
 KEY = "127.0.0.1:8080"
@@ -75,6 +75,28 @@ def route(path=None, url=None, regex=None, extra=""):
 ])
 def test_normalize(raw, expected):
     assert normalize_path(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # allow_encoded_slashes = "on", as Apache's AllowEncodedSlashes On: %2F is a "/"
+    # before slashes are merged and dot segments resolved
+    ("/a%2Fb", "/a/b"),
+    ("/a%2fb/x", "/a/b/x"),
+    ("/q%2F%2F/x", "/q/x"),
+    ("/a%2F..%2Fb", "/b"),
+    ("/x%252Fy", "/x%252Fy"),           # an encoded "%" then "2F": no slash
+    ("/plain", "/plain"),
+])
+def test_normalize_decoding_encoded_slashes(raw, expected):
+    assert normalize_path(raw, decode_slashes=True) == expected
+
+
+@pytest.mark.parametrize("raw, has", [
+    ("/a%2Fb", True), ("/a%2fb", True), ("/a/b", False), ("/x%252Fy", False),
+    ("/x%2", False), ("/%2E", False),
+])
+def test_has_encoded_slash(raw, has):
+    assert has_encoded_slash(raw) is has
 
 
 def test_normalize_fast_path_returns_same_object():

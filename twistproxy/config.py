@@ -117,6 +117,7 @@ class VhostConfig:
     add_headers: bool = True
     proxy_via: str = "off"
     proxy_chain_auth: bool = False
+    allow_encoded_slashes: str = "off"     # off: %2F in a path is 404; on: it is "/"; nodecode
     proxy_requests: bool = False           # forward proxy + CONNECT (ProxyRequests)
     allow_connect: tuple[tuple[int, int], ...] = ((443, 443), (563, 563))
     connect_allow: tuple[str, ...] = ()    # target host patterns; () = any
@@ -252,6 +253,7 @@ def loads(text: str, path: str = "<config>") -> Config:
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _PROXY_VIA = ("off", "on", "full", "block")
+_ENCODED_SLASHES = ("off", "on", "nodecode")
 _SERVER_TOKENS = ("prod", "full", "off")
 _LBMETHODS = ("byrequests", "bytraffic", "bybusyness")
 _HCMETHODS = ("NONE", "TCP", "OPTIONS", "HEAD", "GET")
@@ -497,7 +499,8 @@ class _Loader:
 
     def vhost(self, w: str, raw: Any, listeners, balancers) -> VhostConfig:
         raw = self.table(w, raw, ("server_name", "server_alias", "listen", "preserve_host",
-                                  "add_headers", "proxy_via", "proxy_chain_auth", "proxy_requests",
+                                  "add_headers", "proxy_via", "proxy_chain_auth",
+                                  "allow_encoded_slashes", "proxy_requests",
                                   "allow_connect", "connect_allow", "connect_deny", "proxy_allow",
                                   "proxy_auth", "request_headers",
                                   "response_headers", "route"), required=("server_name",))
@@ -525,6 +528,9 @@ class _Loader:
             proxy_via=self.choice(f"{w}.proxy_via", raw.get("proxy_via", "off"), _PROXY_VIA),
             proxy_chain_auth=self.boolean(f"{w}.proxy_chain_auth",
                                           raw.get("proxy_chain_auth", False)),
+            allow_encoded_slashes=self.choice(f"{w}.allow_encoded_slashes",
+                                              raw.get("allow_encoded_slashes", "off"),
+                                              _ENCODED_SLASHES),
             **self.forward_proxy(w, raw),
             request_headers=self.header_actions(f"{w}.request_headers",
                                                 raw.get("request_headers", [])),

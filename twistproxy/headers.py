@@ -71,14 +71,6 @@ def _add_tokens(into: set, value: bytes) -> None:
             into.add(token)
 
 
-def _lists_trailers(te_value: bytes) -> bool:
-    """True when a TE value has the "trailers" t-coding (possibly among others)."""
-    if b"trailers" not in te_value.lower():      # the usual answer, without splitting
-        return False
-    return any(part.split(b";", 1)[0].strip().lower() == b"trailers"
-               for part in te_value.split(b","))
-
-
 @functools.lru_cache(maxsize=64)
 def _request_plan(keep_upgrade: bool, chain_auth: bool, add_headers: bool, via: str,
                   proto_port: bool = False):
@@ -155,7 +147,6 @@ def request_to_backend(headers, *, client_ip: str, backend_hostport: bytes,
     host = None
     tokens: set = set()
     merged: dict = {}                # lower name -> (first name bytes, [values])
-    te_sent = False
     for name, value in headers:
         low = name.lower()
         if low in drop:
@@ -164,10 +155,6 @@ def request_to_backend(headers, *, client_ip: str, backend_hostport: bytes,
                     host = value
             elif low == b"connection" and value.lower() not in _NOT_LISTED:
                 _add_tokens(tokens, value)     # it names more than close/keep-alive
-            elif low == b"te" and not te_sent and _lists_trailers(value):
-                # the one TE a proxy may pass on: the backend may then send trailers
-                te_sent = True
-                out.append((b"TE", b"trailers"))
             continue
         if low in merge:
             _collect(merged, low, name, value)

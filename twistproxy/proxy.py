@@ -11,6 +11,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from . import headers as H
+from .authority import absolute_form, host_port
 from .balancer import Balancer
 from .balancer.health import HealthCheck
 from .config import BackendURL, Config, RouteConfig, VhostConfig
@@ -20,7 +21,7 @@ from .outages import Outage, summary_interval
 from .pool import Pool
 from .tls import client_options_for
 from .workers import Workers, longest
-from .routing import Router, normalize_path, split_host
+from .routing import Router, has_encoded_slash, normalize_path, split_host
 from .wire.messages import HttpDate
 
 log = Logger(namespace="twistproxy")
@@ -83,18 +84,6 @@ class RouteRuntime:
             member.mark_error(self._now())
 
     _now = None
-
-
-def _host_port(authority: bytes, default: int | None = None) -> tuple[str, int] | None:
-    """`host:port` (IPv6 in brackets) as a CONNECT target or URL authority."""
-    host, port = split_host(authority.decode("latin-1").strip())
-    if host.startswith("["):
-        host = host[1:-1] if host.endswith("]") else ""
-    if not port and default is not None:
-        return (host, default) if host else None
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
 
 
 def _set_host(req, authority: bytes) -> None:
@@ -201,27 +190,26 @@ class ProxyContext:
             raw_path, q, query = target.partition(b"?")
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
             # absolute-form: the authority overrides Host (RFC 9112 §3.2.2)
-            scheme, rest = target.split(b"://", 1)
-            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0),
-                      default=len(rest))
-            authority, tail = rest[:cut], rest[cut:]
-            tail = tail[1:] if tail[:1] == b"/" else tail     # "/" + tail: the path
-            if not authority or b"@" in authority:
+            parts = absolute_form(target)
+            if parts is None:
                 return self.reject(conn, req, 400, "bad absolute-form target")
+            scheme, authority, path = parts
+            if req.host == b"":
+                # RFC 9110 §7.2: Host, when sent, is that same authority
+                return self.reject(conn, req, 400, "empty Host beside an absolute-form target")
             gate = self.forward_gates.get(conn.listen_key)
             if gate is not None and not self.router.names_host(
                     conn.listen_key, authority.decode("latin-1")):
-                return self._forward(conn, req, gate, scheme.lower(), authority,
-                                     b"/" + tail)
+                return self._forward(conn, req, gate, scheme, authority, path)
             _set_host(req, authority)
-            raw_path, q, query = (b"/" + tail).partition(b"?")
+            raw_path, q, query = path.partition(b"?")
         elif method == b"CONNECT":
             gate = self.forward_gates.get(conn.listen_key)
             if gate is None:
                 return self.reject(conn, req, 405, "CONNECT is not enabled (proxy_requests)",
                                    headers=[(b"Allow",
                                              b"GET, HEAD, POST, PUT, DELETE, OPTIONS")])
-            hostport = _host_port(target)
+            hostport = host_port(target)
             if hostport is None:
                 return self.reject(conn, req, 400, "CONNECT needs host:port")
             return ConnectExchange(self, conn, req, gate, *hostport).start()
@@ -251,7 +239,15 @@ class ProxyContext:
         target, unless the vhost routes on other headers (match_headers)."""
         host = req.host.decode("latin-1") if req.host is not None else None
         vhost = self.router.vhost_for(conn.listen_key, host)
-        path = normalize_path(raw_path.decode("latin-1"))
+        path = raw_path.decode("latin-1")
+        slashes = vhost.allow_encoded_slashes
+        if slashes != "nodecode" and has_encoded_slash(path):
+            if slashes == "off":     # Apache's AllowEncodedSlashes Off
+                return self.reject(conn, req, 404, "encoded slash in the path "
+                                   "(allow_encoded_slashes = \"off\")")
+            path = normalize_path(path, decode_slashes=True)
+        else:
+            path = normalize_path(path)
         if path is None:
             return self.reject(conn, req, 400, "invalid path")
         match = self.router.route_for(vhost, path, query.decode("latin-1")
@@ -304,10 +300,8 @@ class ProxyContext:
 
     def _forward(self, conn, req, gate, scheme: bytes, authority: bytes, path: bytes) -> None:
         """An absolute-form request for another host, through a proxy_requests vhost."""
-        hostport = _host_port(authority, 443 if scheme == b"https" else 80)
-        if hostport is None:
-            return self.reject(conn, req, 400, "bad absolute-form target")
-        host, port = hostport
+        # never None: absolute_form() has checked the authority
+        host, port = host_port(authority, 443 if scheme == b"https" else 80)
         _set_host(req, authority)
         rt = req.route = gate.runtime
 

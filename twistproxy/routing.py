@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from .config import Config, RouteConfig, VhostConfig
 
-__all__ = ["normalize_path", "RouteMatch", "Router"]
+__all__ = ["normalize_path", "has_encoded_slash", "RouteMatch", "Router"]
 
 # ---------------------------------------------------------------------------
 # path normalisation
@@ -22,6 +22,7 @@ _BAD_CHAR = re.compile(r"[\x00-\x20\x7f]")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _SLASHES = re.compile(r"//+")
+_ENCODED_SLASH = re.compile(r"%2[Ff]")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -39,8 +40,14 @@ def _escape_table() -> dict[str, str]:
 _ESCAPES = _escape_table()   # every "%xx" spelling -> its canonical form
 
 
-def normalize_path(raw: str) -> str | None:
-    """The normalised, still percent-encoded path, or None if `raw` is not a valid one."""
+def has_encoded_slash(path: str) -> bool:
+    """Whether a raw path has a %2F (what allow_encoded_slashes decides about)."""
+    return "%" in path and _ENCODED_SLASH.search(path) is not None
+
+
+def normalize_path(raw: str, decode_slashes: bool = False) -> str | None:
+    """The normalised, still percent-encoded path, or None if `raw` is not a valid one.
+    With `decode_slashes` (allow_encoded_slashes = "on") %2F is "/" before the rest."""
     if not raw.startswith("/") or _BAD_CHAR.search(raw):
         return None
     if "%" not in raw and "//" not in raw and "/." not in raw:
@@ -49,6 +56,8 @@ def normalize_path(raw: str) -> str | None:
     if "%" in path:
         if _BAD_ESCAPE.search(path):
             return None
+        if decode_slashes:
+            path = _ENCODED_SLASH.sub("/", path)
         # Only unreserved characters are decoded: %2F and %25 must stay opaque, or a
         # backend would see a different path (and different segments) than we matched.
         path = _ESCAPE.sub(lambda m: _ESCAPES[m.group()], path)

@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..authority import split_authority
 from .deadline import Deadline
 from .direct import writer_for
 from .messages import error_body, reason, serialize_headers
@@ -31,11 +32,15 @@ PAUSE_CLOSING = 4          # the connection is being closed
 
 LINGER_SECONDS = 2.0
 
-# host [":" port] where host is a name, an IPv4 address or a bracketed IPv6 literal;
-# anything else (userinfo, a path, spaces) could end up in a rewritten Location
-_VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]{1,5})?").fullmatch
-_valid_hosts: set[bytes] = set()      # Host values already checked: most repeat
+# Host values already checked (authority.split_authority): most repeat
+_valid_hosts: set[bytes] = set()
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+# Methods llhttp knows from RTSP only: not HTTP methods (RFC 9110 §9.1: 501)
+_RTSP_METHODS = frozenset((b"DESCRIBE", b"ANNOUNCE", b"SETUP", b"PLAY", b"PAUSE",
+                           b"TEARDOWN", b"GET_PARAMETER", b"SET_PARAMETER", b"REDIRECT",
+                           b"RECORD", b"FLUSH"))
+# a method token (RFC 9110 §5.6.2) and its space, at the start of a request line
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ").match
 
 _CHUNK_END = b"\r\n"
 # after these the request cannot be trusted to have been read right: close, as Apache
@@ -151,6 +156,8 @@ class ClientConnection(Protocol):
         self.upgrading = False            # an Upgrade request awaits the backend's answer
         self._upgrade_buf: list[bytes] = []
         self._head_bytes = 0
+        self._blank = b""                 # CR/LF received between requests, so far
+        self._data: bytes | None = None   # the chunk being parsed
         self._corked: list | None = None
         self._write = None
         self.requests_served = 0
@@ -165,12 +172,18 @@ class ClientConnection(Protocol):
             t.setTcpNoDelay(True)
         except Exception:
             pass
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = self._new_parser()
         self._write = writer_for(t)
         self._timer = Deadline(self.ctx.reactor)
         self.ctx.connection_made(self)
         t.registerProducer(_ResponseFlow(self), True)
         self._arm("header", self.ctx.server.header_timeout)
+
+    def _new_parser(self):
+        # any one-digit version passes llhttp: on_headers_complete answers 505 or 400
+        p = httptools.HttpRequestParser(self)
+        p.set_dangerous_leniencies(lenient_version=True)
+        return p
 
     def connectionLost(self, reason=None):
         self.closing = True
@@ -254,16 +267,30 @@ class ClientConnection(Protocol):
             self._pause(PAUSE_PIPELINE)
             return
         cur = self.cur
-        if cur is not None and not cur.in_body:
-            # httptools buffers an unfinished field itself: bound the whole head
-            self._head_bytes += len(data)
-            if self._head_bytes > self.ctx.head_limit:
-                self._fail(431, "request head too large")
+        if cur is not None:
+            if not cur.in_body:
+                # httptools buffers an unfinished field itself: bound the whole head
+                self._head_bytes += len(data)
+                if self._head_bytes > self.ctx.head_limit:
+                    self._fail(431, "request head too large")
+                    return
+        elif data[:1] in b"\r\n" or self._blank:
+            data = self._blank_lines(data)
+            if not data:
                 return
+        last = self._last
+        self._data = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgrade(data[e.args[0]:])
+        except httptools.HttpParserInvalidMethodError as e:
+            # RFC 9110 §9.1: a method token we do not know is 501, anything else 400.
+            # The request line starts this chunk unless a request began before it.
+            if cur is None and self._last is last and _METHOD_TOKEN(data):
+                self._fail(501, f"unknown method {data.split(b' ', 1)[0][:40]!r}")
+            else:
+                self._fail(400, f"malformed request: {e}")
         except httptools.HttpParserCallbackError as e:
             ctx = e.__context__
             if isinstance(ctx, Reject):
@@ -272,7 +299,27 @@ class ClientConnection(Protocol):
                 log.failure("request handling failed", failure=None)
                 self._fail(500, f"internal error: {ctx!r}")
         except httptools.HttpParserError as e:
-            self._fail(400, f"malformed request: {e}")
+            cur = self.cur
+            if cur is not None and cur.url_len and self.parser.get_method() in _RTSP_METHODS:
+                # llhttp's answer to an RTSP method in an HTTP/x.y request line
+                self._fail(501, f"unknown method {self.parser.get_method()!r}")
+            else:
+                self._fail(400, f"malformed request: {e}")
+        self._data = None
+
+    def _blank_lines(self, data: bytes) -> bytes:
+        """Between requests: one empty line (CRLF) before a request line is ignored (RFC
+        9112 §2.2); more, or a lone CR or LF, is 400 (llhttp would skip any run of them).
+        Returns what follows, b"" when there is nothing more to parse yet."""
+        rest = data.lstrip(b"\r\n")
+        seen = self._blank + data[:len(data) - len(rest)]
+        if not b"\r\n".startswith(seen) or (rest and seen == b"\r"):
+            self._blank = b""
+            self._fail(400, "more than one empty line, or a lone CR or LF, before a "
+                            "request line")
+            return b""
+        self._blank = b"" if rest else seen
+        return rest
 
     def _fail(self, status: int, why: str):
         """A request could not be parsed: answer after earlier responses, then close."""
@@ -345,9 +392,22 @@ class ClientConnection(Protocol):
     def on_headers_complete(self):
         req = self.cur
         p = self.parser
-        req.method = p.get_method()
+        req.method = method = p.get_method()
         version = p.get_http_version()
-        req.version = _VERSIONS.get(version) or version.encode("ascii")
+        req.version = _VERSIONS.get(version)
+        if req.version is None:
+            req.version = version.encode("ascii")
+            if version[0] == "0":     # HTTP/0.9, or a request line without a version
+                raise Reject(400, f"HTTP/{version} request")
+            raise Reject(505, f"HTTP/{version} is not supported")
+        if req.version == b"1.0":
+            # llhttp also takes RTSP/1.0 and ICE/1.0 request lines, reported as 1.0
+            line = self._data
+            if line is not None and (line.find(req.target + b" RTSP/") >= 0 or
+                                     line.find(req.target + b" ICE/") >= 0):
+                raise Reject(400, "not an HTTP request line")
+            if method in _RTSP_METHODS:
+                raise Reject(501, f"unknown method {method!r}")
         req.keep_alive = p.should_keep_alive()
         req.upgrade = p.should_upgrade()
         hosts = []
@@ -362,13 +422,14 @@ class ClientConnection(Protocol):
             elif ln == b"authorization":
                 req.authorization = v
             elif ln == b"content-length" or ln == b"transfer-encoding":
-                req.has_body = req.method != b"CONNECT"   # after CONNECT: tunnel bytes
+                req.has_body = method != b"CONNECT"   # after CONNECT: tunnel bytes
         if len(hosts) > 1:
             raise Reject(400, "more than one Host header")
         if hosts:
             host = hosts[0]
             if host not in _valid_hosts:
-                if not _VALID_HOST(host):
+                # empty is allowed (RFC 9112 §3.2), but not beside an absolute-form target
+                if host and split_authority(host) is None:
                     raise Reject(400, "malformed Host header")
                 if len(_valid_hosts) >= 1024:
                     _valid_hosts.clear()    # client-chosen: bounded
@@ -422,7 +483,7 @@ class ClientConnection(Protocol):
                 self._upgrade_buf.append(rest)
             return
         # Not tunnelled: carry on parsing what follows as the next request.
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = self._new_parser()
         if req is not None and req.has_body:
             self._fail(400, "a body on an Upgrade request that is not tunnelled")
             return
@@ -623,7 +684,7 @@ class ClientConnection(Protocol):
         if self.upgrading:
             # the backend declined the upgrade: what the client sent since is HTTP
             self.upgrading = False
-            self.parser = httptools.HttpRequestParser(self)
+            self.parser = self._new_parser()
             buffered, self._upgrade_buf = b"".join(self._upgrade_buf), []
             self._resume(PAUSE_PIPELINE)
             if buffered:

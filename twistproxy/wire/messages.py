@@ -26,6 +26,7 @@ _EXPLANATIONS = {
     502: "The proxy server received an invalid response from an upstream server.",
     503: "The server is temporarily unable to service your request. Please try again later.",
     504: "The proxy server did not receive a timely response from the upstream server.",
+    505: "The server does not support the HTTP version of the request.",
 }
 
 
