@@ -124,7 +124,7 @@ class Tunnel:
         if req is not None:
             # one access-log line for the whole tunnel: its duration, the bytes sent down
             req.sent = self.down
-            self.client.ctx.log_access(self.client, req)
+            self.client.log(req)
         if self.on_close is not None:
             self.on_close(self)
 
