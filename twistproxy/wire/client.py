@@ -297,6 +297,8 @@ class ClientConnection(Protocol):
 
     def _fail(self, status: int, why: str):
         """A request could not be parsed: answer after earlier responses, then close."""
+        if self.closing:
+            return           # answered and closing already (the rest of a read is parsed)
         self._pause(PAUSE_CLOSING)
         req = self.cur
         self.cur = None
@@ -330,6 +332,10 @@ class ClientConnection(Protocol):
     # httptools callbacks
 
     def on_message_begin(self):
+        if self.closing:
+            # an answer closed the connection within this read: what follows in it is
+            # not another request to start (the parser cannot be stopped otherwise)
+            raise Reject(400, "after the connection was closed")
         self._head_bytes = 0
         self.cur = Request(self.ctx.reactor.seconds())
         if self.queue:
