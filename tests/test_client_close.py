@@ -174,3 +174,21 @@ def test_client_gone_logs_what_was_queued_once():
     proto.connectionLost(None)                       # reset: nothing more can be sent
     assert logged == [(b"/app/a", 499)]
     assert bt.disconnecting                          # the backend exchange is aborted
+
+
+def test_fin_behind_a_declined_upgrade_answers_it_then_closes():
+    """A FIN while an Upgrade request waits for the backend stays pending (it would
+    be a tunnel's half-close); when the backend declines, the answer is relayed and
+    then the connection closes."""
+    h = Harness(CONFIG.format(server="").replace("http://10.9.9.9:8081/", "ws://10.9.9.9:8081/"))
+    proto, t = h.client()
+    proto.dataReceived(b"GET /app/ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\n\r\n")
+    proto.readConnectionLost()
+    assert not t.disconnecting
+    backend, bt = h.backend()
+    assert b"Upgrade: websocket" in take(bt)
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+    assert take(t).endswith(b"\r\n\r\nno")
+    h.reactor.advance(0)                             # what followed the request: nothing
+    assert t.disconnecting

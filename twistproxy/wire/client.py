@@ -674,7 +674,8 @@ class ClientConnection(Protocol):
         if self.queue and self.queue[0] is req:
             self.queue.popleft()
         self.requests_served += 1
-        self.log(req)
+        req.logged = True                # self.log(req), inline on the hot path
+        self.ctx.log_access(self, req)
         if not req.keep_alive or self.closing:
             # linger where the client may still be sending: an unread body, or input
             # after what the parser refused (_fail)
