@@ -10,21 +10,11 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from test_wire_memory import Harness, take
+from test_wire_memory import CONFIG as WIRE_CONFIG, Harness, take
 
-CONFIG = """
-[server]
-access_log = ""
-{server}
-[[listen]]
-address = "127.0.0.1"
-port = 8080
-[[vhost]]
-server_name = "proxy.test"
-  [[vhost.route]]
-  path = "/app/"
-  url = "http://10.9.9.9:8081/"
-"""
+# test_wire_memory's, with the one route under /app/ (so that other paths get a 404)
+CONFIG = WIRE_CONFIG.replace('access_log = ""', 'access_log = ""\n{server}').replace(
+    'path = "/"', 'path = "/app/"')
 
 UPLOAD = b"POST /elsewhere HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100
 
@@ -122,11 +112,11 @@ def test_fin_after_pipelined_requests_answers_each_in_order_then_closes():
                        b"GET /app/2 HTTP/1.1\r\nHost: a\r\n\r\n")
     proto.readConnectionLost()
     backend, bt = h.backend()
-    assert take(bt).startswith(b"GET /1 HTTP/1.1\r\n")
+    assert take(bt).startswith(b"GET /base/1 HTTP/1.1\r\n")
     backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
     first = take(t)
     assert first.endswith(b"\r\n\r\none") and b"Connection: close" not in first
-    assert take(bt).startswith(b"GET /2 HTTP/1.1\r\n")     # same backend connection
+    assert take(bt).startswith(b"GET /base/2 HTTP/1.1\r\n")     # same backend connection
     backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
     second = take(t)
     assert second.endswith(b"\r\n\r\ntwo") and b"Connection: close\r\n" in second
@@ -180,7 +170,7 @@ def test_fin_behind_a_declined_upgrade_answers_it_then_closes():
     """A FIN while an Upgrade request waits for the backend stays pending (it would
     be a tunnel's half-close); when the backend declines, the answer is relayed and
     then the connection closes."""
-    h = Harness(CONFIG.format(server="").replace("http://10.9.9.9:8081/", "ws://10.9.9.9:8081/"))
+    h = Harness(CONFIG.format(server="").replace("http://10.9.9.9", "ws://10.9.9.9"))
     proto, t = h.client()
     proto.dataReceived(b"GET /app/ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
                        b"Connection: Upgrade\r\n\r\n")
