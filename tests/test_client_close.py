@@ -145,7 +145,8 @@ def test_abort_on_close_finishes_the_answer_under_way_and_drops_the_rest():
     """abort_on_close: the response already streaming is completed; the pipelined
     request behind it is abandoned (its backend connect cancelled) and logged 499."""
     h, proto, t, logged = connect("abort_on_close = true")
-    proto.dataReceived(b"GET /app/a HTTP/1.1\r\nHost: a\r\n\r\nGET /app/b HTTP/1.1\r\nHost: a\r\n\r\n")
+    proto.dataReceived(b"GET /app/a HTTP/1.1\r\nHost: a\r\n\r\n"
+                       b"GET /app/b HTTP/1.1\r\nHost: a\r\n\r\n")
     backend, bt = h.backend()
     backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
     proto.readConnectionLost()
