@@ -129,6 +129,14 @@ ERRORS = [
       "must be a whole number from 0 to 10000", id="server-busy-poll-negative"),
     E(doc(top="[server]\nbusy_poll = 0.5\n"), "server.busy_poll", "0.5",
       "must be a whole number from 0 to 10000", id="server-busy-poll-float"),
+    E(doc(top='[server]\nabort_on_close = "yes"\n'), "server.abort_on_close", "'yes'",
+      "must be true or false", id="server-abort-on-close-string"),
+    E(doc(top="[server]\nlingering_time = -1\n"), "server.lingering_time", "-1",
+      "must be at least 0 seconds", id="server-lingering-time-negative"),
+    E(doc(top='[server]\nlingering_time = "30 min"\n'), "server.lingering_time", "'30 min'",
+      "must be seconds (a number, or '500ms', '2s')", id="server-lingering-time-unit"),
+    E(doc(top="[server]\nlingering_timeout = 0\n"), "server.lingering_timeout", "0",
+      "must be at least 0.001 seconds", id="server-lingering-timeout-zero"),
 
     # -- [[listen]] --------------------------------------------------------------
     E(doc(listeners='[[listen]]\nadress = "127.0.0.1"\nport = 8080\n'), "listen[0].adress",
@@ -610,6 +618,13 @@ def test_durations_everywhere():
     assert (m.hcinterval, m.worker.timeout, m.worker.retry) == (0.1, 2.0, 0.0)
 
 
+def test_close_settings():
+    cfg = ok(doc(ROUTE, top='[server]\nabort_on_close = true\nlingering_time = 0\n'
+                            'lingering_timeout = "250ms"\n'))
+    assert (cfg.server.abort_on_close, cfg.server.lingering_time,
+            cfg.server.lingering_timeout) == (True, 0.0, 0.25)
+
+
 def test_defaults():
     cfg = ok(doc(ROUTE, after=balancer()))
     assert cfg.server == ServerConfig()
@@ -620,6 +635,9 @@ def test_defaults():
             cfg.server.limit_request_fields) == (8190, 8190, 100)
     assert cfg.server.busy_poll == 100
     assert ok(doc(ROUTE, top="[server]\nbusy_poll = 0\n")).server.busy_poll == 0
+    # a client's FIN: answer, then close (HAProxy's default); lingering as nginx's
+    assert (cfg.server.abort_on_close, cfg.server.lingering_time,
+            cfg.server.lingering_timeout) == (False, 30.0, 5.0)
     v = cfg.vhosts[0]
     assert v == VhostConfig("localhost", routes=v.routes)
     assert (v.preserve_host, v.add_headers, v.proxy_via, v.proxy_chain_auth,

@@ -203,6 +203,9 @@ class ServerConfig:
     keepalive_timeout: float = 5.0
     header_timeout: float = 20.0
     tunnel_timeout: float = 3600.0
+    abort_on_close: bool = False        # a client's FIN abandons what awaits the backend
+    lingering_time: float = 30.0        # reading after an early answer, at most (nginx)
+    lingering_timeout: float = 5.0      # ... and between two reads of it
     limit_request_line: int = 8190
     limit_request_fieldsize: int = 8190
     limit_request_fields: int = 100
@@ -408,6 +411,13 @@ class _Loader:
                                          raw.get("header_timeout", d.header_timeout), lo=0.001),
             tunnel_timeout=self.duration(f"{w}.tunnel_timeout",
                                          raw.get("tunnel_timeout", d.tunnel_timeout), lo=0.001),
+            abort_on_close=self.boolean(f"{w}.abort_on_close",
+                                        raw.get("abort_on_close", d.abort_on_close)),
+            lingering_time=self.duration(f"{w}.lingering_time",
+                                         raw.get("lingering_time", d.lingering_time)),
+            lingering_timeout=self.duration(f"{w}.lingering_timeout",
+                                            raw.get("lingering_timeout", d.lingering_timeout),
+                                            lo=0.001),
             limit_request_line=self.integer(f"{w}.limit_request_line",
                                             raw.get("limit_request_line", d.limit_request_line),
                                             64, 1 << 20),

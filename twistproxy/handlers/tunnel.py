@@ -117,14 +117,16 @@ class Tunnel:
             return
         self.closed = True
         self.deadline.cancel()
+        req = self.request
+        if req is not None:
+            # one access-log line for the whole tunnel: its duration, the bytes sent down.
+            # Before the close: a half-closed transport's loseConnection() ends it at
+            # once, and the client connection logs what it has not seen logged
+            req.sent = self.down
+            self.client.log(req)
         for t in (self.client.transport, self.backend.transport):
             t.unregisterProducer()
             t.loseConnection()
-        req = self.request
-        if req is not None:
-            # one access-log line for the whole tunnel: its duration, the bytes sent down
-            req.sent = self.down
-            self.client.ctx.log_access(self.client, req)
         if self.on_close is not None:
             self.on_close(self)
 

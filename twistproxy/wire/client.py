@@ -30,7 +30,8 @@ PAUSE_BACKEND_FULL = 1     # the backend cannot take the request body as fast
 PAUSE_PIPELINE = 2         # a later request waits for the response to an earlier one
 PAUSE_CLOSING = 4          # the connection is being closed
 
-LINGER_SECONDS = 2.0
+# Logged for a request that got no status line: the client closed first (nginx's 499)
+STATUS_CLIENT_CLOSED = 499
 
 # Host values already checked (authority.split_authority): most repeat
 _valid_hosts: set[bytes] = set()
@@ -63,7 +64,7 @@ class Request:
                  "host", "has_body", "complete", "body", "exchange", "started",
                  "status", "sent", "backend", "head_sent", "chunked_out", "bodyless_out",
                  "local", "url_len", "trailers", "user", "in_body", "route", "referer",
-                 "user_agent", "authorization")
+                 "user_agent", "authorization", "logged")
 
     def __init__(self, started: float):
         self.started = started
@@ -93,6 +94,7 @@ class Request:
         self.referer: bytes | None = None
         self.user_agent: bytes | None = None
         self.authorization: bytes | None = None   # NTLM/Negotiate pin the backend connection
+        self.logged = False
 
     def header(self, lname: str) -> str | None:
         """Value of a header by lower-case name, repeated ones joined with ', '."""
@@ -153,6 +155,8 @@ class ClientConnection(Protocol):
         self.pinned: dict = {}            # pool -> backend connection (NTLM/Negotiate)
         self.tunnel = None                # once upgraded: bytes go to the tunnel
         self.read_closed = False          # the client sent FIN
+        self.write_closed = False         # our FIN is out (lingering)
+        self._linger_end = 0.0
         self.upgrading = False            # an Upgrade request awaits the backend's answer
         self._upgrade_buf: list[bytes] = []
         self._head_bytes = 0
@@ -189,10 +193,10 @@ class ClientConnection(Protocol):
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
-        for req in self.queue:
-            if req.exchange is not None:
-                req.exchange.client_gone()
-        self.queue.clear()
+        # gone (reset, write error, abort): what is still queued is abandoned, and logged
+        queue, self.queue = self.queue, deque()
+        for req in queue:
+            self._abandon(req)
         pinned, self.pinned = self.pinned, {}
         for bconn in pinned.values():
             bconn.close()
@@ -234,10 +238,26 @@ class ClientConnection(Protocol):
         if self._timer is not None:
             self._timer.clear()
 
+    def log(self, req: Request) -> None:
+        """The request's one access-log line."""
+        req.logged = True
+        self.ctx.log_access(self, req)
+
+    def _abandon(self, req: Request) -> None:
+        """No (complete) answer will be sent: the exchange is aborted, the request logged
+        with the status sent, or STATUS_CLIENT_CLOSED when none was."""
+        if req.exchange is not None:
+            exchange, req.exchange = req.exchange, None
+            exchange.client_gone()       # a tunnel logs its request itself
+        if not req.logged:
+            if not req.status:
+                req.status = STATUS_CLIENT_CLOSED
+            self.log(req)
+
     def _timed_out(self):
         kind = self._timer_kind
         if kind == "linger":
-            self.transport.abortConnection()
+            self._end_linger()
         elif kind == "header" and self.cur is not None and not self.cur.in_body:
             req = self.cur                # a request head begun and never finished
             if not req.method:
@@ -246,7 +266,7 @@ class ClientConnection(Protocol):
                                   f"{self.ctx.server.header_timeout:g}s")
             req.status = 408
             req.sent = self._send_bare(408)
-            self.ctx.log_access(self, req)
+            self.log(req)
             self.closing = True
             self.hang_up()
         elif not self.queue:              # idle, or connected and silent
@@ -259,7 +279,9 @@ class ClientConnection(Protocol):
         if self.tunnel is not None:
             self.tunnel.from_client(data)
             return
-        if self.lingering or self.closing:
+        if self.closing:
+            if self.lingering:
+                self._lingered()         # read and dropped
             return
         if self.upgrading:
             # bytes after an Upgrade request wait for the backend's 101 (or not)
@@ -323,6 +345,8 @@ class ClientConnection(Protocol):
 
     def _fail(self, status: int, why: str):
         """A request could not be parsed: answer after earlier responses, then close."""
+        if self.closing:
+            return           # answered and closing already (the rest of a read is parsed)
         self._pause(PAUSE_CLOSING)
         req = self.cur
         self.cur = None
@@ -356,6 +380,10 @@ class ClientConnection(Protocol):
     # httptools callbacks
 
     def on_message_begin(self):
+        if self.closing:
+            # an answer closed the connection within this read: what follows in it is
+            # not another request to start (the parser cannot be stopped otherwise)
+            raise Reject(400, "after the connection was closed")
         self._head_bytes = 0
         self.cur = Request(self.ctx.reactor.seconds())
         if self.queue:
@@ -500,8 +528,8 @@ class ClientConnection(Protocol):
     def _resume(self, bit: int):
         if self.paused & bit:
             self.paused &= ~bit
-            if not self.paused and not self.closing:
-                self.transport.resumeProducing()
+            if not self.paused and not self.closing and not self.read_closed:
+                self.transport.resumeProducing()     # (after FIN it would read EOF again)
 
     def pause_reading(self):
         self._pause(PAUSE_BACKEND_FULL)
@@ -528,17 +556,50 @@ class ClientConnection(Protocol):
         return early
 
     def readConnectionLost(self):
-        """The client sent FIN. In a tunnel (or one being set up) it is passed on as a
-        half-close; in HTTP the client is taken to have gone, as nginx does: its
-        requests are abandoned and their backend connections closed."""
+        """The client sent FIN: it has nothing more to send, which is not "gone" (as in
+        Apache and HAProxy). In a tunnel (or one being set up) it is passed on as a
+        half-close; in HTTP what was received is answered, then the connection closes."""
+        if self.read_closed:
+            return
         self.read_closed = True
         if self.tunnel is not None:
             self.tunnel.client_half_closed()
-        elif not self.upgrading:
-            self.transport.abortConnection()
+        elif self.lingering:
+            self.transport.loseConnection()    # all it sent is read: close in order
+        elif not self.upgrading and not self.closing:
+            self._input_ended()
 
     def writeConnectionLost(self):
-        pass
+        self.write_closed = True
+
+    def _input_ended(self):
+        """Every byte up to the client's FIN has been parsed."""
+        if self.ctx.server.abort_on_close and self.queue:
+            self._abandon_unanswered()
+        elif self.cur is not None:
+            self._fail(400, "request cut short by the client's FIN")
+        elif self.queue:
+            self.queue[-1].keep_alive = False    # answer in order, close after the last
+        else:
+            self._close(lingering=False)
+
+    def _abandon_unanswered(self):
+        """abort_on_close (HAProxy's option): the FIN abandons the requests whose
+        response has not begun; one under way is completed, then the connection closes."""
+        under_way = self.queue[0] if self.queue[0].head_sent and \
+            self.queue[0] is not self.cur else None
+        queue, self.queue = self.queue, deque()
+        self.cur = None
+        log.info("{peer}: FIN with abort_on_close: {n} request(s) abandoned",
+                 peer=self.peer_ip, n=len(queue) - (under_way is not None))
+        for req in queue:
+            if req is not under_way:
+                self._abandon(req)
+        if under_way is not None:
+            under_way.keep_alive = False
+            self.queue.append(under_way)
+        else:
+            self._close(lingering=False)
 
     def pin(self, pool, bconn) -> None:
         """Keep this backend connection for this client connection's later requests:
@@ -639,7 +700,7 @@ class ClientConnection(Protocol):
         """The response cannot be completed: close so the client sees the truncation."""
         req.keep_alive = False
         req.exchange = None
-        self.ctx.log_access(self, req)
+        self.log(req)
         self.closing = True
         self._disarm()
         self.hang_up()
@@ -677,9 +738,12 @@ class ClientConnection(Protocol):
         if self.queue and self.queue[0] is req:
             self.queue.popleft()
         self.requests_served += 1
+        req.logged = True                # self.log(req), inline on the hot path
         self.ctx.log_access(self, req)
-        if not req.keep_alive or self.closing or self.read_closed:
-            self._close(lingering=not req.complete)
+        if not req.keep_alive or self.closing:
+            # linger where the client may still be sending: an unread body, or input
+            # after what the parser refused (_fail)
+            self._close(lingering=not req.complete or bool(self.paused & PAUSE_CLOSING))
             return
         if self.upgrading:
             # the backend declined the upgrade: what the client sent since is HTTP
@@ -687,8 +751,8 @@ class ClientConnection(Protocol):
             self.parser = self._new_parser()
             buffered, self._upgrade_buf = b"".join(self._upgrade_buf), []
             self._resume(PAUSE_PIPELINE)
-            if buffered:
-                self.ctx.reactor.callLater(0, self.dataReceived, buffered)
+            if buffered or self.read_closed:
+                self.ctx.reactor.callLater(0, self._replay, buffered)
         if self.queue:
             self._start(self.queue[0])
         if len(self.queue) <= 1:
@@ -696,11 +760,23 @@ class ClientConnection(Protocol):
         if not self.queue and self.cur is None:
             self._arm("idle", self.ctx.server.keepalive_timeout)
 
+    def _replay(self, buffered: bytes):
+        """What arrived behind a declined Upgrade request, parsed as HTTP at last."""
+        if buffered:
+            self.dataReceived(buffered)
+        if self.read_closed and not self.closing and not self.upgrading and \
+                self.tunnel is None:
+            self._input_ended()
+
     def _close(self, lingering: bool):
         self.closing = True
-        if lingering:
-            # The client may still be sending a body we did not read: close our side
-            # and drain for a moment, or its kernel would answer our data with RST.
+        server = self.ctx.server
+        if lingering and not self.read_closed and server.lingering_time > 0:
+            # Lingering close (Apache's, nginx's lingering_close): the client may still
+            # be sending what we did not read. Closing now would make our kernel answer
+            # it with RST, which can destroy the answer before the client reads it. So:
+            # send the answer, shut our side (FIN), and read and drop what comes, until
+            # the client's FIN, lingering_timeout without a byte, or lingering_time.
             self.lingering = True
             self.paused = 0
             self.uncork()
@@ -711,10 +787,24 @@ class ClientConnection(Protocol):
             except Exception:
                 self.hang_up()
                 return
-            self._arm("linger", LINGER_SECONDS)
+            self._linger_end = self.ctx.reactor.seconds() + server.lingering_time
+            self._arm("linger", min(server.lingering_timeout, server.lingering_time))
         else:
             self._disarm()
             self.hang_up()
+
+    def _lingered(self):
+        left = self._linger_end - self.ctx.reactor.seconds()
+        if left <= 0:
+            self._end_linger()
+        else:
+            self._arm("linger", min(self.ctx.server.lingering_timeout, left))
+
+    def _end_linger(self):
+        if self.write_closed:
+            self.transport.loseConnection()      # the answer and our FIN are out
+        else:
+            self.transport.abortConnection()     # not read within lingering_time
 
 
 class ClientFactory(Factory):
