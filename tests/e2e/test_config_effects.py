@@ -17,7 +17,7 @@ import pytest
 
 from clients import HTTPClient, Session, fetch
 from harness import Lab, basic_config, free_port
-from test_balancer import FAILING_OVER, balancer, config, dead_url, route
+from test_balancer import FAILING_OVER, balancer, config, dead_url, route, servers
 
 
 @pytest.fixture
@@ -30,12 +30,7 @@ def lab(tmp_path):
 def who(port: int, n: int, path: str = "/", headers=None) -> Counter:
     """n requests on one connection: which member served each."""
     with Session(port) as c:
-        seen = Counter()
-        for _ in range(n):
-            r = c.get(path, headers)
-            assert r.status == 200, r
-            seen[r.server] += 1
-        return seen
+        return servers(c, n, path, headers)
 
 
 def has_ipv6() -> bool:
