@@ -52,10 +52,15 @@ def test_byrequests_equal_members_alternate_and_skip_disabled():
 
 
 def test_bybusyness_prefers_the_idle_member():
-    b = balancer(member(1) + member(2), 'lbmethod = "bybusyness"')
-    first = b.choose("/", None, 0).member          # still busy
-    second = b.choose("/", None, 0).member
-    assert first is not second
+    b = balancer(member(1, "loadfactor = 3") + member(2, "loadfactor = 1"),
+                 'lbmethod = "bybusyness"')
+    first = b.choose("/", None, 0).member          # all idle: the heavier member
+    assert first.config.url.port == 1
+    # while it is busy, every request goes to the idle one (byrequests would send 5 of
+    # these 8 to the heavier member, busy or not)
+    assert pick(b, 8) == {2: 8}
+    b.done(first, 0, 0)
+    assert pick(b, 1) == {1: 1}                     # idle again, and the weights rule
 
 
 def test_sticky_cookie_and_url_route():

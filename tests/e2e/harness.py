@@ -1,12 +1,26 @@
 """Real processes on loopback for end-to-end tests: the proxy, echo backends, raw backends.
 
 The proxy runs as `python -m twistproxy.cli run FILE` in a subprocess (exactly what an
-operator runs); echo backends run as `python -m twistproxy.echo`; scripted misbehaving
-backends are plain sockets served from a thread. Everything started is stopped.
+operator runs); echo backends run as `python -m twistproxy.echo`, the WebSocket echo as
+`python -m twistproxy.wsecho` (both bind port 0 and print the port); scripted
+misbehaving backends are plain sockets served from a thread (RawBackend, port 0).
+Everything started is stopped; `Lab` stops what a test started and checks every proxy's
+log for tracebacks. The client side is in clients.py.
+
+Ports for the proxy: its listeners come from TOML, so the harness picks them.
+`free_port()` reserves a port below the kernel's ephemeral range (so no bind(0) and no
+outgoing connection, ours or another process's, can take it meanwhile) and holds a lock
+file on it for the life of the test process (so a parallel test run skips it); a
+`Proxy` given a function of its ports instead of a text starts again on new ports if a
+bind fails all the same.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,11 +38,55 @@ def script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+PORT_RANGE = (20000, 32000)          # below ip_local_port_range (32768-60999 by default)
+_LOCK_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "twistproxy-test-ports"
+_held: list[int] = []                # lock file descriptors, held until the process ends
+
+
+def _bindable(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on, reserved for this test process (see the module's
+    docstring); OSError when `host` cannot be bound at all (no IPv6, say)."""
+    _LOCK_DIR.mkdir(exist_ok=True)
+    rnd = random.Random()
+    for _ in range(1000):
+        port = rnd.randrange(*PORT_RANGE)
+        fd = os.open(_LOCK_DIR / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        hosts = {host, "0.0.0.0"} if ":" not in host else {host}
+        if all(_bindable(h, port) for h in hosts):
+            _held.append(fd)
+            return port
+        os.close(fd)
+    raise RuntimeError("no free port found")
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "condition",
+               interval: float = 0.05):
+    """Poll `predicate` until it returns something true (returned), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(interval)
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0, proc=None) -> None:
@@ -59,15 +117,25 @@ def hwm_kib(pid: int) -> int:
     return 0
 
 
-class Echo:
-    """An echo backend process (twistproxy.echo) on 127.0.0.1."""
+class _Child:
+    """A helper process that prints the port it listens on as its first line."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-m", "twistproxy.echo", name],
-                                     stdout=subprocess.PIPE, cwd=ROOT)
-        self.port = int(self.proc.stdout.readline())
-        self.url = f"http://127.0.0.1:{self.port}"
+    scheme = "http"
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                                     cwd=ROOT)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{' '.join(args)} could not start (exit {self.proc.returncode})")
+        self.port = int(line)
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -75,30 +143,84 @@ class Echo:
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.kill()
+
+
+class Echo(_Child):
+    """An echo backend process (twistproxy.echo) on 127.0.0.1: port 0 picks one, a
+    given port brings a killed member back where it was."""
+
+    def __init__(self, name: str, port: int = 0):
+        self.name = name
+        super().__init__("twistproxy.echo", name, *([str(port)] if port else []))
+
+
+class WsEcho(_Child):
+    """`python -m twistproxy.wsecho [PORT]`: the autobahn WebSocket echo backend."""
+
+    scheme = "ws"
+
+    def __init__(self, port: int = 0):
+        super().__init__("twistproxy.wsecho", str(port))
+
+
+class Ports(dict):
+    """Ports by name, each reserved with free_port() when first asked for."""
+
+    def __missing__(self, key):
+        self[key] = free_port()
+        return self[key]
 
 
 class Proxy:
-    """twistproxy run on a generated config; `port` is the first listener's port."""
+    """twistproxy run on a generated config; `port` is the first listener's port.
 
-    def __init__(self, config_text: str, tmp: Path, wait=True, name="proxy.toml"):
+    `config` is the TOML text, or a function of a `Ports` (`lambda ports:
+    basic_config(routes, ports[0])`): then the ports are the harness's to choose, and a
+    start that fails to bind is retried on new ones (`ports` says which were used)."""
+
+    ATTEMPTS = 4
+
+    def __init__(self, config, tmp: Path, wait=True, name="proxy.toml"):
         self.path = tmp / name
-        self.path.write_text(config_text)
         self.log_path = tmp / (name + ".log")
         self.out_path = tmp / (name + ".out")
+        for attempt in range(self.ATTEMPTS if callable(config) else 1):
+            self.ports = Ports()
+            text = config(self.ports) if callable(config) else config
+            self._start(text)
+            if not wait:
+                return
+            try:
+                self._wait(text)
+                return
+            except RuntimeError:
+                if "address already in use" not in self.log() or \
+                        attempt == self.ATTEMPTS - 1 or not callable(config):
+                    raise
+
+    def _start(self, text: str) -> None:
+        import tomllib
+        self.path.write_text(text)
+        self.port = tomllib.loads(text)["listen"][0]["port"]
         self._log = open(self.log_path, "wb")
         self._out = open(self.out_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "twistproxy.cli", "run", str(self.path),
              "--log-level", "debug"], stdout=self._out, stderr=self._log, cwd=ROOT)
-        if wait:
-            import tomllib
-            first = tomllib.loads(config_text)["listen"][0]
-            host = first["address"]
-            host = "127.0.0.1" if host in ("0.0.0.0", "*") else \
-                ("::1" if host == "::" else host)
+
+    def _wait(self, text: str) -> None:
+        import tomllib
+        first = tomllib.loads(text)["listen"][0]
+        host = first["address"]
+        host = "127.0.0.1" if host in ("0.0.0.0", "*") else \
+            ("::1" if host == "::" else host)
+        try:
             wait_port(host, first["port"], proc=self.proc)
+        except RuntimeError as e:
+            self._log.close()
+            self._out.close()
+            raise RuntimeError(f"the proxy did not start ({e}): {self.log()[-2000:]}") from None
 
     def log(self) -> str:
         if not self._log.closed:
@@ -128,6 +250,40 @@ class Proxy:
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in the access log:\n{self.access_log()}")
 
+    def log_lines(self, *needles: str, since: int = 0) -> list[str]:
+        """The log's lines holding every needle (from character `since` on)."""
+        return [line for line in self.log()[since:].splitlines()
+                if all(n in line for n in needles)]
+
+    def wait_for_line(self, *needles: str, timeout: float = 5.0) -> str:
+        """The first log line holding every needle, once there is one."""
+        try:
+            return wait_until(lambda: self.log_lines(*needles)[:1], timeout)[0]
+        except AssertionError:
+            raise AssertionError(f"no log line with all of {needles!r} within {timeout}s:"
+                                 f"\n{self.log()}") from None
+
+    def access_lines(self, *needles: str) -> list[str]:
+        return [line for line in self.access_log().splitlines()
+                if all(n in line for n in needles)]
+
+    def wait_for_access_lines(self, n: int, *needles: str, timeout: float = 8.0) -> list[str]:
+        """At least `n` access log lines holding every needle, once there are."""
+        try:
+            return wait_until(lambda: (lambda ls: ls if len(ls) >= n else None)(
+                self.access_lines(*needles)), timeout)
+        except AssertionError:
+            raise AssertionError(f"fewer than {n} access log lines with {needles!r}:\n"
+                                 f"{self.access_log()}") from None
+
+    def tracebacks(self) -> list[str]:
+        """Lines of the log that show something went unhandled."""
+        return [line for line in self.log().splitlines()
+                if "Traceback" in line or "Unhandled" in line]
+
+    def assert_clean(self) -> None:
+        assert not self.tracebacks(), self.log()[-5000:]
+
     def rss_kib(self) -> int:
         return rss_kib(self.proc.pid)
 
@@ -148,21 +304,28 @@ class Proxy:
 
 
 class RawBackend:
-    """A scripted backend: `handler(conn)` runs in a thread for each accepted socket."""
+    """A scripted backend: `handler(conn)` runs in a thread for each accepted socket.
+    With `listen=False` the port is bound but refuses connections until `start()`."""
 
-    def __init__(self, handler, host: str = "127.0.0.1"):
+    def __init__(self, handler, host: str = "127.0.0.1", listen: bool = True):
         self.handler = handler
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
-        self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"http://[{host}]:{self.port}" if ":" in host else \
+            f"http://{host}:{self.port}"
         self.accepted = 0
         self.received: list[bytes] = []
         self._stop = False
         self._conns: list[socket.socket] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
+        if listen:
+            self.start()
+
+    def start(self) -> None:
+        self.sock.listen(128)
         self.thread.start()
 
     def _serve(self):
@@ -246,3 +409,49 @@ server_name = "proxy.test"
 {routes}
 {extra}
 """
+
+
+class Lab:
+    """What one test (or module) starts, stopped last first by `close()`; every proxy's
+    log is then checked for tracebacks."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.things: list = []
+
+    def add(self, thing):
+        self.things.append(thing)
+        return thing
+
+    def echo(self, name: str = "echo", port: int = 0) -> Echo:
+        return self.add(Echo(name, port))
+
+    def echos(self, *names: str) -> list[Echo]:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(names)) as ex:
+            started = list(ex.map(Echo, names))
+        self.things += started
+        return started
+
+    def wsecho(self, port: int = 0) -> WsEcho:
+        return self.add(WsEcho(port))
+
+    def raw(self, handler, **kw) -> RawBackend:
+        return self.add(RawBackend(handler, **kw))
+
+    def proxy(self, config, name: str = "proxy.toml") -> Proxy:
+        """`config`: the TOML text or a function of the ports (see Proxy)."""
+        return self.add(Proxy(config, self.tmp, name=name))
+
+    def close(self) -> None:
+        proxies = []
+        for t in reversed(self.things):
+            try:
+                t.stop()
+            except Exception:
+                pass
+            if isinstance(t, Proxy):
+                proxies.append(t)
+        self.things = []
+        for p in proxies:
+            p.assert_clean()

@@ -18,8 +18,11 @@ from collections import Counter
 
 import pytest
 
-from test_pool import (HOST, Client, Wire, close_idle_after, in_threads,  # noqa: F401
-                       kill_second_request, lab, log_lines, route, serve, wait_log_line)
+from clients import HOST, HTTPClient
+from scripted import (Wire, close_idle_after, in_threads, kill_second_request, lab_fixture,
+                      route, serve)
+
+lab = pytest.fixture(lab_fixture)
 
 RETRY_LINE = "sending again on a new one"
 
@@ -58,10 +61,10 @@ def refused_url() -> str:
 refused_url.keep = []
 
 
-def send(c: Client, seq: int, method: str, body: bytes | None, chunked: bool = False):
+def send(c: HTTPClient, seq: int, method: str, body: bytes | None, chunked: bool = False):
     headers = [("X-Seq", str(seq))]
     if chunked:
-        c.sock.sendall(f"{method} /r{seq} HTTP/1.1\r\nHost: {HOST}\r\nX-Seq: {seq}\r\n"
+        c.sendall(f"{method} /r{seq} HTTP/1.1\r\nHost: {HOST}\r\nX-Seq: {seq}\r\n"
                        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode())
         return c.response(method)
     return c.call(method, f"/r{seq}", headers, body)
@@ -76,11 +79,11 @@ def test_idempotent_request_on_a_connection_closed_unanswered_is_sent_again_once
         lab, method, body):
     b = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", b.url + "/"))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-up").status == 200
     r = send(c, 1, method, body)
     assert (r.status, seen([b], 1)) == (200, 2), "the stale keep-alive race showed"
-    assert log_lines(p, RETRY_LINE)
+    assert p.log_lines(RETRY_LINE)
 
 
 @pytest.mark.parametrize("method,body", NON_IDEMPOTENT)
@@ -90,12 +93,12 @@ def test_non_idempotent_request_on_a_connection_closed_unanswered_is_never_sent_
     no body. The client gets 502 and the log says why it was not sent again."""
     b = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", b.url + "/"))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-up").status == 200
     r = send(c, 1, method, body)
     assert (r.status, seen([b], 1)) == (502, 1), f"{method} reached the backend " \
         f"{seen([b], 1)} times"
-    wait_log_line(p, f"{method} is not idempotent: not sent again", "-> 502")
+    p.wait_for_line(f"{method} is not idempotent: not sent again", "-> 502")
     assert RETRY_LINE not in p.log()
     assert b.tracker.accepted == 1
 
@@ -105,7 +108,7 @@ def test_empty_chunked_put_sent_again_carries_its_last_chunk(lab):
     backend waits for it and the client gets a 504 after the timeout."""
     b = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", b.url + "/", timeout=30))
-    c = Client(p.port, timeout=5)
+    c = HTTPClient(p.port, timeout=5)
     assert c.get("/warm-up").status == 200
     r = send(c, 1, "PUT", None, chunked=True)
     assert (r.status, seen([b], 1)) == (200, 2)
@@ -115,7 +118,7 @@ def test_empty_chunked_put_sent_again_carries_its_last_chunk(lab):
 def test_empty_chunked_post_on_a_connection_closed_unanswered_is_502_at_once(lab):
     b = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", b.url + "/", timeout=30))
-    c = Client(p.port, timeout=5)                # a hang would time out here
+    c = HTTPClient(p.port, timeout=5)                # a hang would time out here
     assert c.get("/warm-up").status == 200
     r = send(c, 1, "POST", None, chunked=True)
     assert (r.status, seen([b], 1)) == (502, 1)
@@ -129,7 +132,7 @@ def test_empty_chunked_post_on_a_connection_closed_unanswered_is_502_at_once(lab
 def test_new_connection_closed_unanswered_is_502_and_sent_once(lab, method, body):
     b = lab.backend(dying)
     p = lab.proxy(route("/", b.url + "/"))
-    r = send(Client(p.port), 1, method, body)
+    r = send(HTTPClient(p.port), 1, method, body)
     assert (r.status, seen([b], 1)) == (502, 1)
 
 
@@ -137,7 +140,7 @@ def test_new_connection_closed_unanswered_is_502_and_sent_once(lab, method, body
 def test_connection_cut_after_the_status_line_began_is_502_and_sent_once(lab, method, body):
     b = lab.backend(kill_second_request("partial"))
     p = lab.proxy(route("/", b.url + "/"))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-up").status == 200
     r = send(c, 1, method, body)
     assert (r.status, seen([b], 1)) == (502, 1)
@@ -147,7 +150,7 @@ def test_connection_cut_after_the_status_line_began_is_502_and_sent_once(lab, me
 def test_silent_backend_is_504_and_sent_once(lab, method, body):
     b = lab.backend(kill_second_request("silent"))
     p = lab.proxy(route("/", b.url + "/", timeout=1))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-up").status == 200
     r = send(c, 1, method, body)
     assert (r.status, seen([b], 1)) == (504, 1)
@@ -156,7 +159,7 @@ def test_silent_backend_is_504_and_sent_once(lab, method, body):
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_refused_backend_is_503_and_never_reached(lab, method):
     p = lab.proxy(route("/", refused_url() + "/"))
-    r = send(Client(p.port), 1, method, b"a=1" if method == "POST" else None)
+    r = send(HTTPClient(p.port), 1, method, b"a=1" if method == "POST" else None)
     assert r.status == 503
 
 
@@ -174,7 +177,7 @@ def test_balancer_kept_alive_connection_closed_unanswered(lab, method, body, sta
     m1 = lab.backend(kill_second_request("close"))
     m2 = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", "balancer://farm/"), extra=farm(m1.url, m2.url))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-1").status == 200 and c.get("/warm-2").status == 200
     r = send(c, 1, method, body)
     assert (r.status, seen([m1, m2], 1)) == (status, times), \
@@ -182,7 +185,7 @@ def test_balancer_kept_alive_connection_closed_unanswered(lab, method, body, sta
     assert "in error state" not in p.log(), p.log()
     # both members still take requests, in turn
     for i in range(4):
-        assert Client(p.port).get(f"/after{i}").status == 200
+        assert HTTPClient(p.port).get(f"/after{i}").status == 200
     for m in (m1, m2):
         assert len({x.target for x in m.tracker.requests
                     if x.target.startswith("/after")}) == 2, "a member was left out"
@@ -197,7 +200,7 @@ def test_balancer_member_closing_new_connections_unanswered(lab, method, body, s
     dead = lab.backend(dying)
     alive = lab.backend(serve())
     p = lab.proxy(route("/", "balancer://farm/"), extra=farm(dead.url, alive.url))
-    r = send(Client(p.port), 1, method, body)
+    r = send(HTTPClient(p.port), 1, method, body)
     assert (r.status, seen([dead], 1), seen([alive], 1)) == \
         (status, 1, times - 1), (method, r)
     assert "in error state" not in p.log(), p.log()
@@ -210,9 +213,9 @@ def test_balancer_refused_member_fails_over_for_every_method(lab, method, body):
     dead = refused_url()
     alive = lab.backend(serve())
     p = lab.proxy(route("/", "balancer://farm/"), extra=farm(dead, alive.url))
-    r = send(Client(p.port), 1, method, body)
+    r = send(HTTPClient(p.port), 1, method, body)
     assert (r.status, seen([alive], 1)) == (200, 1)
-    wait_log_line(p, f"member {dead} in error state", "connection refused")
+    p.wait_for_line(f"member {dead} in error state", "connection refused")
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def _post_loop(port: int, i: int, n: int, pause: float) -> Counter:
     random pauses; the statuses it got, and client-side errors."""
     rnd = random.Random(i)
     statuses: Counter = Counter()
-    c = Client(port)
+    c = HTTPClient(port)
     for k in range(n):
         try:
             # bodyless and with a body, alternately: neither may be sent twice
@@ -258,11 +261,11 @@ def _post_loop(port: int, i: int, n: int, pause: float) -> Counter:
             statuses[r.status] += 1
             if r.header("connection") == "close":
                 c.close()
-                c = Client(port)
+                c = HTTPClient(port)
         except (OSError, EOFError) as e:
             statuses[repr(e)] += 1
             c.close()
-            c = Client(port)
+            c = HTTPClient(port)
         time.sleep(rnd.uniform(0.0, pause))
     c.close()
     return statuses
@@ -302,7 +305,7 @@ def iis_windows_auth(w: Wire):
         w.reply(req, 200, f"user={user or 'anonymous'}".encode())
 
 
-def _login(c: Client, name: str, how: str):
+def _login(c: HTTPClient, name: str, how: str):
     if how == "ntlm-3-leg":
         r = c.get("/login", ("Authorization", f"NTLM type1:{name}"))
         assert r.status == 401, r
@@ -320,7 +323,7 @@ def test_preemptive_login_is_never_served_to_an_anonymous_client(lab, how):
     where the pool hands out the newest idle connection first."""
     b = lab.backend(iis_windows_auth)
     p = lab.proxy(route("/", b.url + "/"))
-    alice, anonymous = Client(p.port), Client(p.port)
+    alice, anonymous = HTTPClient(p.port), HTTPClient(p.port)
     assert anonymous.get("/").body == b"user=anonymous"
     _login(alice, "alice", how)
     for i in range(3):
@@ -345,7 +348,7 @@ def test_twenty_users_and_anonymous_load_never_see_another_identity(lab):
 
     def user(i):
         name = f"user{i}"
-        c = Client(p.port)
+        c = HTTPClient(p.port)
         _login(c, name, ways[i % 3])
         wrong = [r.body for r in (c.get(f"/u{i}/{k}") for k in range(25))
                  if r.body != f"user={name}".encode()]
@@ -353,7 +356,7 @@ def test_twenty_users_and_anonymous_load_never_see_another_identity(lab):
         return wrong
 
     def anonymous(i):
-        wrong, c = [], Client(p.port)
+        wrong, c = [], HTTPClient(p.port)
         while not stop.is_set():
             body = c.get(f"/anon{i}").body
             if body != b"user=anonymous":
@@ -383,14 +386,14 @@ def test_pinned_connection_is_closed_with_its_client_and_counts_against_max(lab)
     is served on a new one."""
     b = lab.backend(iis_windows_auth)
     p = lab.proxy(route("/", b.url + "/", max=1, acquire=0.5))
-    alice = Client(p.port)
+    alice = HTTPClient(p.port)
     _login(alice, "alice", "negotiate")
     pinned = alice_conn(b, "alice")
-    assert Client(p.port).get("/").status == 503
+    assert HTTPClient(p.port).get("/").status == 503
     alice.close()
     assert b.tracker.wait(lambda: pinned in b.tracker.closed, 3.0), \
         "the pinned connection outlived its client"
-    r = Client(p.port).get("/")
+    r = HTTPClient(p.port).get("/")
     assert (r.status, r.body) == (200, b"user=anonymous") and r.conn != pinned, r
 
 
@@ -399,7 +402,7 @@ def test_pinned_user_stays_on_its_member_and_connection_through_a_balancer(lab):
     connection its login went to, while others still spread over both."""
     m1, m2 = lab.backend(iis_windows_auth), lab.backend(iis_windows_auth)
     p = lab.proxy(route("/", "balancer://farm/"), extra=farm(m1.url, m2.url))
-    alice = Client(p.port)
+    alice = HTTPClient(p.port)
     _login(alice, "alice", "negotiate")
     home = m1 if any("alice" in (x.header("authorization") or "")
                      for x in m1.tracker.requests) else m2
@@ -407,7 +410,7 @@ def test_pinned_user_stays_on_its_member_and_connection_through_a_balancer(lab):
         r = alice.get(f"/a{i}")
         assert r.body == b"user=alice", r
     assert len([x for x in home.tracker.requests if x.target.startswith("/a")]) == 6
-    bodies = {Client(p.port).get(f"/o{i}").body for i in range(4)}
+    bodies = {HTTPClient(p.port).get(f"/o{i}").body for i in range(4)}
     assert bodies == {b"user=anonymous"}
     assert all(len([x for x in m.tracker.requests if x.target.startswith("/o")]) == 2
                for m in (m1, m2))

@@ -17,19 +17,15 @@ import hashlib
 import http.client
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from harness import ROOT, Echo, Proxy, RawBackend, basic_config, free_port
+from clients import HOST, Session, fetch
+from harness import ROOT, Lab, Proxy, basic_config, free_port, wait_until
 
-HOST = "proxy.test"
 FAILING_OVER = "failing over to"                 # reverse.py: a member could not be used
 HC_FAILED = "failed its health check"            # health.py: hcfails reached
 HC_PASSED = "passed its health check"            # health.py: hcpasses reached
@@ -86,54 +82,6 @@ def backend_field(bal: str, url: str, route_: str = "-") -> str:
 
 # ---------------------------------------------------------------------------
 # backends and the lab that stops them
-
-
-class EchoAt(Echo):
-    """An echo backend on a fixed port (to bring a killed member back where it was)."""
-
-    def __init__(self, name: str, port: int):
-        self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-m", "twistproxy.echo", name, str(port)],
-                                     stdout=subprocess.PIPE, cwd=ROOT)
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"echo {name} could not listen on port {port}")
-        self.port = int(line)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-
-class Lab:
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.things: list = []
-
-    def echos(self, *names: str) -> list[Echo]:
-        with ThreadPoolExecutor(len(names)) as ex:
-            started = list(ex.map(Echo, names))
-        self.things += started
-        return started
-
-    def echo_at(self, name: str, port: int) -> EchoAt:
-        e = EchoAt(name, port)
-        self.things.append(e)
-        return e
-
-    def raw(self, handler) -> RawBackend:
-        b = RawBackend(handler)
-        self.things.append(b)
-        return b
-
-    def proxy(self, text: str, name: str = "proxy.toml") -> Proxy:
-        p = Proxy(text, self.tmp, name=name)
-        self.things.append(p)
-        return p
-
-    def close(self) -> None:
-        for t in reversed(self.things):
-            try:
-                t.stop()
-            except Exception:
-                pass
 
 
 @pytest.fixture
@@ -194,68 +142,7 @@ def http_server(respond):
     return handler
 
 
-# ---------------------------------------------------------------------------
-# client
-
-
-class Resp:
-    def __init__(self, status: int, headers: list, body: bytes):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return ", ".join(values) if values else None
-
-    def all(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-    @property
-    def server(self) -> str | None:
-        """The member that answered: the echo's name, or a scripted backend's X-Member."""
-        member = self.header("X-Member")
-        if member is not None:
-            return member
-        try:
-            return json.loads(self.body)["server"]
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def __repr__(self):
-        return f"<Resp {self.status} {self.headers!r} {self.body[:120]!r}>"
-
-
-class Client:
-    """One keep-alive client connection to the proxy."""
-
-    def __init__(self, port: int, timeout: float = 10.0):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        self.conn.connect()
-        self.sock = self.conn.sock        # to tell whether the connection was replaced
-
-    def get(self, path: str = "/", headers: dict | None = None, method: str = "GET") -> Resp:
-        h = {"Host": HOST}
-        h.update(headers or {})
-        self.conn.request(method, path, headers=h)
-        r = self.conn.getresponse()
-        body = r.read()
-        return Resp(r.status, r.getheaders(), body)
-
-    def close(self):
-        self.conn.close()
-
-
-def get(port: int, path: str = "/", headers: dict | None = None) -> Resp:
-    """One request on a connection of its own."""
-    c = Client(port)
-    try:
-        return c.get(path, headers)
-    finally:
-        c.close()
-
-
-def servers(client: Client, n: int, path: str = "/", headers: dict | None = None) -> Counter:
+def servers(client: Session, n: int, path: str = "/", headers: dict | None = None) -> Counter:
     """n requests on one connection: who served them (all must succeed)."""
     seen = Counter()
     for _ in range(n):
@@ -263,16 +150,6 @@ def servers(client: Client, n: int, path: str = "/", headers: dict | None = None
         assert r.status == 200, r
         seen[r.server] += 1
     return seen
-
-
-def wait_until(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def access_count(proxy: Proxy, field: str) -> int:
@@ -286,11 +163,11 @@ def access_count(proxy: Proxy, field: str) -> int:
 
 def test_byrequests_3_to_1_is_exact_and_logged(lab):
     n1, n2 = lab.echos("n1", "n2")
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [
         (n1.url, {"loadfactor": 3, "route": "r1"}),
         (n2.url, {"loadfactor": 1, "route": "r2"})])))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     order = []
     for _ in range(400):
         r = c.get("/lb")
@@ -308,11 +185,11 @@ def test_byrequests_3_to_1_is_exact_and_logged(lab):
 
 def test_bytraffic_3_to_1_with_equal_responses(lab):
     n1, n2 = lab.echos("n1", "n2")
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [(n1.url, {"loadfactor": 3}),
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [(n1.url, {"loadfactor": 3}),
                                                  (n2.url, {"loadfactor": 1})],
                                         lbmethod="bytraffic")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     for _ in range(400):
         r = c.get("/t", {"X-Echo-Bytes": "1000"})      # every response 1000 bytes
         assert r.status == 200 and len(r.body) == 1000, r
@@ -328,11 +205,11 @@ def test_bytraffic_3_to_1_with_equal_responses(lab):
 
 def test_bytraffic_counts_request_bodies_too(lab):
     n1, n2 = lab.echos("n1", "n2")
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [(n1.url, {"loadfactor": 3}),
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [(n1.url, {"loadfactor": 3}),
                                                  (n2.url, {"loadfactor": 1})],
                                         lbmethod="bytraffic")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     body = b"x" * 1000
     for _ in range(400):        # 1000 bytes up, nothing down
         c.conn.request("POST", "/t", body=body, headers={"Host": HOST, "X-Echo-Bytes": "0"})
@@ -346,11 +223,11 @@ def test_bytraffic_counts_request_bodies_too(lab):
 
 def test_bybusyness_favours_the_idle_member(lab):
     n1, n2 = lab.echos("n1", "n2")
-    port = free_port()
-    lab.proxy(config(port, balancer("farm", [(n1.url, {"loadfactor": 3}),
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [(n1.url, {"loadfactor": 3}),
                                              (n2.url, {"loadfactor": 1})],
                                     lbmethod="bybusyness")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     # one request at a time: both members are always idle, so byrequests' weighted
     # counting breaks every tie and the split is exactly the loadfactors'
     assert servers(c, 400) == {"n1": 300, "n2": 100}
@@ -359,7 +236,7 @@ def test_bybusyness_favours_the_idle_member(lab):
     # request made meanwhile goes to the idle n2, whatever the weights say (exact: n1
     # is busy for the whole loop, and each quick request ends before the next starts)
     slow = {}
-    t = threading.Thread(target=lambda: slow.update(r=get(port, "/slow",
+    t = threading.Thread(target=lambda: slow.update(r=fetch(port, "/slow",
                                                           {"X-Echo-Delay": "2"})))
     t.start()
     time.sleep(0.5)                    # the slow request is on its way to n1
@@ -374,7 +251,7 @@ def test_bybusyness_favours_the_idle_member(lab):
     got = []
 
     def one():
-        cl = Client(port)
+        cl = Session(port)
         barrier.wait()
         got.append(cl.get("/slow", {"X-Echo-Delay": "1"}))
         cl.close()
@@ -397,13 +274,12 @@ def test_seed_iis_farm_sticky_on_balanceid(lab):
     mycluster.node1 sticks to node1; the proxy sets the cookie for new clients; the
     hot standby serves only when node1 and node2 are both gone."""
     n1, n2, n3 = lab.echos("node1", "node2", "standby")
-    port = free_port()
     text = (ROOT / "etc/examples/iis-farm-sticky.toml").read_text()
-    text = text.replace("port = 8080", f"port = {port}")
     for old, new in (("8101", n1.port), ("8102", n2.port), ("8103", n3.port)):
         text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
-    p = lab.proxy(text)
-    c = Client(port)
+    p = lab.proxy(lambda ports: text.replace("port = 8080", f"port = {ports[0]}"))
+    port = p.port
+    c = Session(port)
     for _ in range(10):
         r = c.get("/app", {"Cookie": "BALANCEID=mycluster.node1"})
         assert r.status == 200 and r.server == "node1", r
@@ -436,14 +312,14 @@ def test_seed_iis_farm_sticky_on_balanceid(lab):
 
 def test_sticky_by_url_parameter_and_cookie(lab):
     n1, n2 = lab.echos("n1", "n2")
-    port = free_port()
     members = [(n1.url, {"route": "node1"}), (n2.url, {"route": "node2"})]
-    p = lab.proxy(config(port,
+    p = lab.proxy(lambda ports: config(ports[0],
                          balancer("farm", members, stickysession="BALANCEID") +
                          balancer("java", members, stickysession="JSESSIONID|jsessionid",
                                   scolonpathdelim=True),
                          route("/java/", "java") + route("/", "farm")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     # a value without the separator carries no route: balanced as usual (first: sticky
     # requests count in byrequests' bookkeeping, and would skew the next choices)
     assert servers(c, 4, "/a", {"Cookie": "BALANCEID=node1"}) == {"n1": 2, "n2": 2}
@@ -463,17 +339,17 @@ def test_sticky_by_url_parameter_and_cookie(lab):
 
 def test_proxy_sets_sticky_cookie_and_fails_over_or_503_with_nofailover(lab):
     n1, n2 = lab.echos("n1", "n2")
-    port = free_port()
     members = [(n1.url, {"route": "node1"}), (n2.url, {"route": "node2"}),
                (dead_url(), {"route": "node3", "status": "+D"})]
     cookie = {"name": "ROUTEID", "path": "/"}
-    p = lab.proxy(config(port,
+    p = lab.proxy(lambda ports: config(ports[0],
                          balancer("farm", members, stickysession="ROUTEID",
                                   sticky_cookie=cookie) +
                          balancer("strict", members, stickysession="ROUTEID",
                                   sticky_cookie=cookie, nofailover=True),
                          route("/strict/", "strict") + route("/", "farm")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     r = c.get("/")
     assert r.status == 200, r
     first = r.server
@@ -514,9 +390,9 @@ def test_proxy_sets_sticky_cookie_and_fails_over_or_503_with_nofailover(lab):
 
 def test_hot_standby_only_when_the_others_are_down(lab):
     n1, n2, hs = lab.echos("n1", "n2", "hs")
-    port = free_port()
-    lab.proxy(config(port, balancer("farm", [n1.url, n2.url, (hs.url, {"status": "+H"})])))
-    c = Client(port)
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [n1.url, n2.url, (hs.url, {"status": "+H"})])))
+    port = p.port
+    c = Session(port)
     assert servers(c, 20) == {"n1": 10, "n2": 10}
     n1.stop()
     assert servers(c, 10) == {"n2": 10}           # one regular member left: no standby
@@ -526,11 +402,11 @@ def test_hot_standby_only_when_the_others_are_down(lab):
 
 def test_lower_lbset_first_its_standby_before_the_next_set(lab):
     a, h0, b, c_ = lab.echos("a", "h0", "b", "c")
-    port = free_port()
-    lab.proxy(config(port, balancer("farm", [
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [
         (b.url, {"lbset": 1}), (a.url, {"lbset": 0}), (c_.url, {"lbset": 1}),
         (h0.url, {"lbset": 0, "status": "+H"})])))
-    cl = Client(port)
+    port = p.port
+    cl = Session(port)
     assert servers(cl, 12) == {"a": 12}
     a.stop()
     assert servers(cl, 8) == {"h0": 8}            # lbset 0's standby before lbset 1
@@ -540,11 +416,11 @@ def test_lower_lbset_first_its_standby_before_the_next_set(lab):
 
 def test_draining_member_serves_only_its_sessions(lab):
     n1, n2 = lab.echos("n1", "n2")
-    port = free_port()
-    lab.proxy(config(port, balancer("farm", [(n1.url, {"route": "node1", "status": "+N"}),
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [(n1.url, {"route": "node1", "status": "+N"}),
                                              (n2.url, {"route": "node2"})],
                                     stickysession="ROUTEID")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     assert servers(c, 20) == {"n2": 20}
     assert servers(c, 6, headers={"Cookie": "ROUTEID=.node1"}) == {"n1": 6}
     assert servers(c, 6, headers={"Cookie": "ROUTEID=.node2"}) == {"n2": 6}
@@ -554,11 +430,11 @@ def test_draining_member_serves_only_its_sessions(lab):
 def test_disabled_stopped_and_ignore_errors_flags(lab):
     alive, dis, stopped = lab.echos("alive", "dis", "stopped")
     ignored = dead_url()
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [
         (dis.url, {"status": "+D"}), (stopped.url, {"status": "S"}),
         (ignored, {"status": "+I"}), alive.url])))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     assert servers(c, 8) == {"alive": 8}          # D and S members get nothing
     # I: the refusing member is never put in error state, so it is tried again and
     # again (each time failing over); without I it would be tried once
@@ -572,13 +448,13 @@ def test_disabled_stopped_and_ignore_errors_flags(lab):
 
 def test_member_killed_mid_run_idempotent_requests_all_succeed(lab):
     n1, n2, n3 = lab.echos("n1", "n2", "n3")
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [n1.url, n2.url, n3.url])))
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [n1.url, n2.url, n3.url])))
+    port = p.port
     stop = threading.Event()
     results: list[tuple] = []          # (sent at, status or error, server, method)
 
     def hammer(keepalive: bool):
-        c = Client(port)
+        c = Session(port)
         while not stop.is_set():
             t = time.monotonic()
             try:
@@ -588,7 +464,7 @@ def test_member_killed_mid_run_idempotent_requests_all_succeed(lab):
                 results.append((t, repr(e), None))
             if not keepalive:
                 c.close()
-                c = Client(port)
+                c = Session(port)
         c.close()
 
     # two keep-alive clients and one that connects for every request
@@ -636,14 +512,14 @@ def test_member_dying_mid_request_idempotent_requests_fail_over(lab):
     a = lab.raw(http_server(a_respond))
     dead = lab.raw(http_server(lambda req, st: None))      # dying from the start
     (b,) = lab.echos("b")
-    port = free_port()
-    p = lab.proxy(config(port,
+    p = lab.proxy(lambda ports: config(ports[0],
                          balancer("ka", [a.url, b.url]) +
                          balancer("fresh", [dead.url, b.url]) +
                          balancer("post", [dead.url, b.url]),
                          route("/fresh/", "fresh") + route("/post/", "post") +
                          route("/", "ka")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     assert servers(c, 4) == {"a": 2, "b": 2}
     state["a"] = "dead"
     # next in line is a: its kept-alive connection, then a new one, close unanswered
@@ -652,10 +528,10 @@ def test_member_dying_mid_request_idempotent_requests_fail_over(lab):
         assert r.status == 200 and r.server == "b", (r, p.log())
     # a member that closes every new connection unanswered
     for method in ("GET", "HEAD", "GET", "HEAD"):
-        r = Client(port).get("/fresh/x", method=method)
+        r = Session(port).get("/fresh/x", method=method)
         assert r.status == 200, (method, r, p.log())
     # a POST that went out is not sent again
-    post = Client(port)
+    post = Session(port)
     post.conn.request("POST", "/post/x", body=b"order=1", headers={"Host": HOST})
     r = post.conn.getresponse()
     r.read()
@@ -665,11 +541,11 @@ def test_failover_resends_a_request_body(lab):
     """A refused connection happens before any byte of the request went out, so even a
     POST fails over, with its whole body (Content-Length and chunked)."""
     (alive,) = lab.echos("alive")
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [dead_url(), dead_url(), alive.url])))
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [dead_url(), dead_url(), alive.url])))
+    port = p.port
     body = bytes(range(256)) * 400          # 100 KiB
     for chunked in (False, True):
-        c = Client(port)
+        c = Session(port)
         if chunked:
             c.conn.request("POST", "/upload", body=iter([body[:5000], body[5000:]]),
                            headers={"Host": HOST}, encode_chunked=True)
@@ -687,18 +563,18 @@ def test_maxattempts_bounds_the_members_one_request_tries(lab):
     (alive,) = lab.echos("alive")
     d1, d2 = dead_url(), dead_url()
     members = [d1, d2, alive.url]       # byrequests tries d1, then d2, then alive
-    port = free_port()
-    p = lab.proxy(config(port,
+    p = lab.proxy(lambda ports: config(ports[0],
                          balancer("dflt", members) +             # default: members - 1
                          balancer("one", members, maxattempts=1) +
                          balancer("none", members, maxattempts=0),
                          route("/one/", "one") + route("/none/", "none") +
                          route("/", "dflt")))
-    r = get(port, "/x")
+    port = p.port
+    r = fetch(port, "/x")
     assert r.status == 200 and r.server == "alive", r
-    r = get(port, "/one/x")              # d1, then one more: d2; no third attempt
+    r = fetch(port, "/one/x")              # d1, then one more: d2; no third attempt
     assert r.status == 503, r
-    r = get(port, "/none/x")             # d1 only
+    r = fetch(port, "/none/x")             # d1 only
     assert r.status == 503, r
     log = p.log()
     for bal, failovers in (("dflt", 2), ("one", 1), ("none", 0)):
@@ -710,27 +586,27 @@ def test_maxattempts_bounds_the_members_one_request_tries(lab):
     assert f"backend balancer://none|{d1}|-: connection refused -> 503" in log, log
     # the members that failed are in error state now: the next requests go straight on
     for path in ("/x", "/one/x"):
-        r = get(port, path)
+        r = fetch(port, path)
         assert r.status == 200 and r.server == "alive", (path, r)
     # with maxattempts = 0 each request tries one member: d2 now, then alive
-    r = get(port, "/none/x")
+    r = fetch(port, "/none/x")
     assert r.status == 503, r
     # d2's worker is already failing (balancer one): its outage is counted, and the
     # member's change of state is what gets a line
     p.wait_for_log(f"balancer://none: member {d2} in error state")
-    r = get(port, "/none/x")
+    r = fetch(port, "/none/x")
     assert r.status == 200 and r.server == "alive", r
     assert p.log().count(FAILING_OVER) == 3
 
 
 def test_error_state_retry_then_back_in(lab):
     port1 = free_port()
-    n1 = lab.echo_at("n1", port1)
+    n1 = lab.echo("n1", port1)
     (n2,) = lab.echos("n2")
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [(n1.url, {"retry": 1}),
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [(n1.url, {"retry": 1}),
                                                  (n2.url, {"retry": 1})])))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     assert servers(c, 4) == {"n1": 2, "n2": 2}
     n1.stop()
     failed_at = time.monotonic()
@@ -743,7 +619,7 @@ def test_error_state_retry_then_back_in(lab):
     log = p.log()
     assert log.count(f"member {n1.url}: connection refused: {FAILING_OVER} {n2.url}") \
         == 1, log
-    n1 = lab.echo_at("n1", port1)                     # back on the same port
+    n1 = lab.echo("n1", port1)                     # back on the same port
     time.sleep(max(0.0, failed_at + 1.2 - time.monotonic()))
     back = servers(c, 8)                               # retry has passed: tried again
     assert back["n1"] >= 3 and back["n2"] >= 3, back
@@ -752,29 +628,29 @@ def test_error_state_retry_then_back_in(lab):
 
 def test_forcerecovery_when_every_member_is_in_error(lab):
     ports = [free_port(), free_port()]
-    n1, n2 = lab.echo_at("n1", ports[0]), lab.echo_at("n2", ports[1])
+    n1, n2 = lab.echo("n1", ports[0]), lab.echo("n2", ports[1])
     members = [n1.url, n2.url]                        # retry: the default 60 s
-    port = free_port()
-    p = lab.proxy(config(port, balancer("fr", members) +
+    p = lab.proxy(lambda ports: config(ports[0], balancer("fr", members) +
                          balancer("nofr", members, forcerecovery=False),
                          route("/nofr/", "nofr") + route("/", "fr")))
-    assert get(port, "/a").status == 200 and get(port, "/nofr/a").status == 200
+    port = p.port
+    assert fetch(port, "/a").status == 200 and fetch(port, "/nofr/a").status == 200
     n1.stop()
     n2.stop()
     # every member refuses: 503, and every member is in error
     for path in ("/a", "/nofr/a"):
-        r = get(port, path)
+        r = fetch(port, path)
         assert r.status == 503, (path, r)
     log = p.log()
     assert re.search(rf"backend balancer://fr\|http://127\.0\.0\.1:({ports[0]}|{ports[1]})"
                      r"\|-: connection refused -> 503", log), log
-    n1 = lab.echo_at("n1", ports[0])
-    n2 = lab.echo_at("n2", ports[1])
+    n1 = lab.echo("n1", ports[0])
+    n2 = lab.echo("n2", ports[1])
     # forcerecovery (the default): all are tried again at once, retry notwithstanding
-    r = get(port, "/a")
+    r = fetch(port, "/a")
     assert r.status == 200 and r.server in ("n1", "n2"), r
     # without it the members wait out their retry: no usable member -> 503
-    r = get(port, "/nofr/a")
+    r = fetch(port, "/nofr/a")
     assert r.status == 503, r
     p.wait_for_log("balancer://nofr: no usable member -> 503")
 
@@ -782,15 +658,15 @@ def test_forcerecovery_when_every_member_is_in_error(lab):
 def test_failonstatus_and_failontimeout_put_the_member_in_error(lab):
     n1, n2, n3, n4 = lab.echos("n1", "n2", "n3", "n4")
     slow = {"timeout": 0.5}
-    port = free_port()
-    p = lab.proxy(config(port,
+    p = lab.proxy(lambda ports: config(ports[0],
                          balancer("fs", [n1.url, n2.url], failonstatus=[503]) +
                          balancer("ft", [(n3.url, slow), (n4.url, slow)],
                                   failontimeout=True) +
                          balancer("plain", [(n3.url, slow), (n4.url, slow)]),
                          route("/ft/", "ft") + route("/plain/", "plain") +
                          route("/", "fs")))
-    c = Client(port)
+    port = p.port
+    c = Session(port)
     # failonstatus: the 503 is relayed as it is, then n1 is in error
     r = c.get("/a", {"X-Echo-Status": "503"})
     assert r.status == 503 and r.server == "n1", r
@@ -844,14 +720,14 @@ class HealthBackend:
 def test_health_checks_take_a_member_out_and_back_in(lab):
     hb = HealthBackend(lab, "hb")
     (n2,) = lab.echos("n2")
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [
         (hb.url, {"hcmethod": "GET", "hcuri": "/health", "hcinterval": 0.2, "hcfails": 2,
                   "hcpasses": 2, "timeout": 1}),
         n2.url])))
+    port = p.port
     wait_until(lambda: len(hb.checks) >= 2, 3, "two health checks")
     assert hb.checks[0] == "GET /health HTTP/1.0", hb.checks
-    c = Client(port)
+    c = Session(port)
     assert servers(c, 10) == {"hb": 5, "n2": 5}
 
     hb.health = 503
@@ -891,9 +767,8 @@ def test_health_check_requests_on_the_wire_and_hcexpect(lab):
     get_ = HealthBackend(lab, "get")
     head = HealthBackend(lab, "head")
     opts = HealthBackend(lab, "opts")
-    port = free_port()
     hc = {"hcinterval": 0.2}
-    p = lab.proxy(config(port, balancer("farm", [
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [
         (get_.url + "/app", {**hc, "hcmethod": "GET", "hcuri": "health",
                              "hcexpect": [200, 200]}),
         (head.url, {**hc, "hcmethod": "HEAD", "hcuri": "/health"}),
@@ -910,17 +785,17 @@ def test_health_check_requests_on_the_wire_and_hcexpect(lab):
 def test_balancer_template_tcp_check_takes_a_dead_member_out_before_any_request(lab):
     n1, n2 = lab.echos("n1", "n2")
     dead = dead_url()
-    port = free_port()
-    p = lab.proxy(config(port, balancer("farm", [n1.url, dead, n2.url],
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [n1.url, dead, n2.url],
                                         hcmethod="TCP", hcinterval=0.2)))
+    port = p.port
     log = p.wait_for_log(HC_FAILED, 3)
     assert f"member {dead} {HC_FAILED}" in log, log
     assert f"member {n1.url} {HC_FAILED}" not in log, log
-    c = Client(port)
+    c = Session(port)
     assert servers(c, 20) == {"n1": 10, "n2": 10}
     assert FAILING_OVER not in p.log()                 # the dead member was never tried
     # a member that comes back is brought back in by its checks (hcpasses = 1)
-    back = lab.echo_at("back", int(dead.rsplit(":", 1)[1]))
+    back = lab.echo("back", int(dead.rsplit(":", 1)[1]))
     p.wait_for_log(f"member {dead} {HC_PASSED}", 3)
     assert servers(c, 12) == {"n1": 4, "back": 4, "n2": 4}
     back.stop()
@@ -957,9 +832,9 @@ def iis(name: str):
 
 def test_ntlm_handshake_stays_on_one_member(lab):
     a, b = lab.raw(iis("a")), lab.raw(iis("b"))
-    port = free_port()
-    lab.proxy(config(port, balancer("farm", [a.url, b.url])))   # byrequests: alternates
-    client, other = Client(port), Client(port)
+    p = lab.proxy(lambda ports: config(ports[0], balancer("farm", [a.url, b.url])))   # byrequests: alternates
+    port = p.port
+    client, other = Session(port), Session(port)
     others = Counter()
 
     def step(headers=None, expect=401, body=None):

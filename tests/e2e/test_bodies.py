@@ -20,11 +20,12 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
-from harness import Echo, Proxy, RawBackend, basic_config, free_port
+from clients import Stream, connect, parse_head
+from harness import Echo, Proxy, RawBackend, basic_config
 from twistproxy.echo import pattern
 
 HOST = "proxy.test"
@@ -35,85 +36,6 @@ RSS_LIMIT_KIB = 64 * 1024
 
 # ---------------------------------------------------------------------------------------
 # HTTP on plain sockets (both for the clients and for the scripted backends)
-
-
-class Stream:
-    """Buffered reads of HTTP messages from a socket."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buf = b""
-
-    def _more(self) -> None:
-        data = self.sock.recv(256 * 1024)
-        if not data:
-            raise EOFError("connection closed")
-        self.buf += data
-
-    def until(self, sep: bytes) -> bytes:
-        start = 0
-        while True:
-            i = self.buf.find(sep, start)
-            if i >= 0:
-                out, self.buf = self.buf[:i + len(sep)], self.buf[i + len(sep):]
-                return out
-            start = max(0, len(self.buf) - len(sep) + 1)
-            self._more()
-
-    def line(self) -> bytes:
-        return self.until(b"\r\n")
-
-    def read_some(self, most: int) -> bytes:
-        if self.buf:
-            out, self.buf = self.buf[:most], self.buf[most:]
-            return out
-        data = self.sock.recv(most)
-        if not data:
-            raise EOFError("connection closed")
-        return data
-
-    def exact(self, n: int) -> bytes:
-        parts, have = [], 0
-        while have < n:
-            data = self.read_some(min(256 * 1024, n - have))
-            parts.append(data)
-            have += len(data)
-        return b"".join(parts)
-
-    def hash_exact(self, n: int, sha) -> None:
-        have = 0
-        while have < n:
-            data = self.read_some(min(256 * 1024, n - have))
-            sha.update(data)
-            have += len(data)
-
-    def to_close(self, timeout: float = 5.0) -> bytes:
-        """Everything until the peer closes; fails if it does not within `timeout`."""
-        self.sock.settimeout(timeout)
-        parts = [self.buf]
-        self.buf = b""
-        while True:
-            try:
-                data = self.sock.recv(256 * 1024)
-            except socket.timeout:
-                raise AssertionError(f"the connection was not closed within {timeout}s; "
-                                     f"got {sum(map(len, parts))} bytes") from None
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            parts.append(data)
-        return b"".join(parts)
-
-
-def parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
-    lines = head.split(b"\r\n")
-    headers = []
-    for raw in lines[1:]:
-        if raw:
-            name, _, value = raw.partition(b":")
-            headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
-    return lines[0].decode("latin-1"), headers
 
 
 def values(headers, name: str) -> list[str]:
@@ -127,81 +49,13 @@ def one(headers, name: str) -> str | None:
     return found[0] if found else None
 
 
-def read_chunked(st: Stream) -> tuple[bytes, list[tuple[str, str]]]:
-    parts = []
-    while True:
-        size = int(st.line().split(b";")[0].strip(), 16)
-        if size == 0:
-            break
-        parts.append(st.exact(size))
-        assert st.exact(2) == b"\r\n", "chunk not followed by CRLF"
-    trailers = []
-    while True:
-        raw = st.line()
-        if raw == b"\r\n":
-            break
-        name, _, value = raw[:-2].partition(b":")
-        trailers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
-    return b"".join(parts), trailers
-
-
 def read_body(st: Stream, headers) -> tuple[bytes, list]:
     """A request body as a server reads it."""
     te = one(headers, "Transfer-Encoding")
     if te is not None and te.lower().endswith("chunked"):
-        return read_chunked(st)
+        return st.chunked()
     cl = one(headers, "Content-Length")
     return (st.exact(int(cl)) if cl else b""), []
-
-
-@dataclass
-class Response:
-    version: str
-    status: int
-    headers: list
-    body: bytes = b""
-    trailers: list = field(default_factory=list)
-    framing: str = ""
-    interims: list = field(default_factory=list)    # [(status, headers)]
-
-    def get(self, name):
-        return one(self.headers, name)
-
-
-def read_response(st: Stream, method: str = "GET") -> Response:
-    interims = []
-    while True:
-        first, headers = parse_head(st.until(b"\r\n\r\n"))
-        version, status = first.split(" ")[0], int(first.split(" ")[1])
-        if 100 <= status < 200 and status != 101:
-            interims.append((status, headers))
-            continue
-        break
-    resp = Response(version, status, headers, interims=interims)
-    te = resp.get("Transfer-Encoding")
-    cl = resp.get("Content-Length")
-    if method == "HEAD" or status in (204, 304):
-        resp.framing = "none"
-    elif te is not None:
-        assert te.lower().replace(" ", "").endswith(",chunked") or te.lower() == "chunked", te
-        resp.framing = "chunked"
-        resp.body, resp.trailers = read_chunked(st)
-    elif cl is not None:
-        resp.framing = "length"
-        resp.body = st.exact(int(cl))
-    else:
-        resp.framing = "close"
-        resp.body = st.to_close()
-    return resp
-
-
-def connect(port: int, timeout: float = 5.0, rcvbuf: int | None = None) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(timeout)
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def request_head(method: str, target: str, *extra: str, version: str = "1.1") -> bytes:
@@ -498,21 +352,24 @@ def backends():
 @pytest.fixture(scope="module")
 def env(backends, tmp_path_factory):
     echo, raws = backends
-    port = free_port()
-    proxy = Proxy(config_for(port, echo, raws), tmp_path_factory.mktemp("bodies"))
-    yield Setup(proxy, port, echo, raws)
+    proxy = Proxy(lambda ports: config_for(ports[0], echo, raws),
+                  tmp_path_factory.mktemp("bodies"))
+    yield Setup(proxy, proxy.port, echo, raws)
+    # after every test of the module, whichever ran: the proxy is still up, and nothing
+    # made it log an unhandled error
+    assert proxy.proc.poll() is None, proxy.log()[-4000:]
     proxy.stop()
+    proxy.assert_clean()
 
 
 @pytest.fixture
 def fresh(backends, tmp_path):
     """A proxy of its own, for a test that measures the proxy's peak memory."""
     echo, raws = backends
-    port = free_port()
-    proxy = Proxy(config_for(port, echo, {"slow": raws["slow"]}), tmp_path)
-    yield Setup(proxy, port, echo, raws)
+    proxy = Proxy(lambda ports: config_for(ports[0], echo, {"slow": raws["slow"]}), tmp_path)
+    yield Setup(proxy, proxy.port, echo, raws)
     proxy.stop()
-    assert "Traceback" not in proxy.log(), proxy.log()[-3000:]
+    proxy.assert_clean()
 
 
 def client(port: int, timeout: float = 10.0) -> http.client.HTTPConnection:
@@ -625,7 +482,7 @@ def test_request_trailers_forwarded(env):
     s.sendall(request_head("POST", "/trailers", "Transfer-Encoding: chunked",
                            "Trailer: X-Sum, X-Note"))
     send_chunked(s, body, trailers=b"X-Sum: 0123abcd\r\nX-Note: last words\r\n")
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     assert resp.status == 200
     got = json.loads(resp.body)
@@ -646,7 +503,7 @@ def test_request_transfer_coding_before_chunked_kept_or_refused(env):
     s = connect(env.port)
     s.sendall(request_head("POST", "/te-gzip", "Transfer-Encoding: gzip, chunked"))
     send_chunked(s, coded)
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     if resp.status in (400, 501):
         return
@@ -664,7 +521,7 @@ def test_empty_post(env, framing):
     s.sendall(request_head("POST", "/empty", framing))
     if "chunked" in framing:
         s.sendall(b"0\r\n\r\n")
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     assert resp.status == 200
     got = json.loads(resp.body)
@@ -681,7 +538,7 @@ def test_empty_post(env, framing):
 def test_post_without_framing_has_no_body(env):
     s = connect(env.port)
     s.sendall(request_head("POST", "/noframing"))
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     got = json.loads(resp.body)
     assert got["body_length"] == 0
@@ -692,7 +549,7 @@ def test_post_without_framing_has_no_body(env):
 def test_bodyless_request_gets_no_framing_added(env, method):
     s = connect(env.port)
     s.sendall(request_head(method, "/nobody"))
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     assert resp.status == 200
     got = json.loads(resp.body)
@@ -729,14 +586,14 @@ def test_chunked_response_rechunked_to_http11_client(env):
     s.sendall(request_head("GET", "/chunked-out", "X-Echo-Bytes: %d" % n,
                            "X-Echo-Chunked: 1"))
     st = Stream(s)
-    resp = read_response(st)
+    resp = st.response(interims=True)
     assert resp.status == 200
     assert resp.framing == "chunked"
-    assert resp.get("Content-Length") is None
+    assert resp.one("Content-Length") is None
     assert resp.body == pattern(n)
     # the client connection stays open for the next request
     s.sendall(request_head("GET", "/next"))
-    assert json.loads(read_response(st).body)["target"] == "/next"
+    assert json.loads(st.response(interims=True).body)["target"] == "/next"
     s.close()
 
 
@@ -786,12 +643,12 @@ def test_close_delimited_backend_response_chunked_to_http11_client(env):
     s = connect(env.port)
     st = Stream(s)
     s.sendall(request_head("GET", "/misc/close-delimited"))
-    resp = read_response(st)
+    resp = st.response(interims=True)
     assert resp.status == 200
     assert resp.framing == "chunked", resp.headers
     assert resp.body == CLOSE_DELIMITED
     s.sendall(request_head("GET", "/misc/ok"))
-    nxt = read_response(st)
+    nxt = st.response(interims=True)
     assert (nxt.status, nxt.body) == (200, b"ok")
     s.close()
 
@@ -814,29 +671,29 @@ def test_bodyless_response_despite_declared_length(env, name, method):
     s = connect(env.port)
     st = Stream(s)
     s.sendall(request_head(method, f"/misc/{name}"))
-    resp = read_response(st, method)
+    resp = st.response(method, interims=True)
     assert resp.status == (200 if method == "HEAD" else int(name))
-    assert resp.get("Transfer-Encoding") is None or method == "HEAD"
+    assert resp.one("Transfer-Encoding") is None or method == "HEAD"
     if name == "204":
-        assert resp.get("Content-Length") is None, "Content-Length in a 204"
+        assert resp.one("Content-Length") is None, "Content-Length in a 204"
     # nothing else may follow: the next response on this connection starts right here
     time.sleep(0.2)
     s.sendall(request_head("GET", "/misc/ok"))
-    nxt = read_response(st)
+    nxt = st.response(interims=True)
     assert (nxt.status, nxt.body) == (200, b"ok")
     assert st.buf == b""
     # and once more, so a backend connection left expecting a body would show
     s.sendall(request_head(method, f"/misc/{name}"))
-    assert read_response(st, method).status == resp.status
+    assert st.response(method, interims=True).status == resp.status
     s.sendall(request_head("GET", "/misc/ok"))
-    assert read_response(st).body == b"ok"
+    assert st.response(interims=True).body == b"ok"
     s.close()
 
 
 def test_response_trailers_forwarded(env):
     s = connect(env.port)
     s.sendall(request_head("GET", "/misc/trailers", "TE: trailers"))
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     assert resp.framing == "chunked"
     assert resp.body == b"hello world"
@@ -850,14 +707,14 @@ def test_response_transfer_coding_before_chunked_kept_or_refused(env):
     get a 502; never gzip bytes presented as the content itself."""
     s = connect(env.port)
     s.sendall(request_head("GET", "/misc/te-gzip", "TE: gzip"))
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     if resp.status == 502:
         return
     assert resp.status == 200
-    codings = [c.strip().lower() for c in (resp.get("Transfer-Encoding") or "").split(",")]
+    codings = [c.strip().lower() for c in (resp.one("Transfer-Encoding") or "").split(",")]
     body = resp.body
-    if "gzip" in codings or (resp.get("Content-Encoding") or "").lower() == "gzip":
+    if "gzip" in codings or (resp.one("Content-Encoding") or "").lower() == "gzip":
         body = gzip.decompress(body)
     assert body == b"hello world", \
         f"gzip-coded bytes passed off as the content (Transfer-Encoding {codings})"
@@ -967,7 +824,7 @@ def test_expect_100_continue_end_to_end(env):
     first, _ = parse_head(st.until(b"\r\n\r\n"))
     assert first.startswith("HTTP/1.1 100"), first
     s.sendall(body)
-    resp = read_response(st)
+    resp = st.response(interims=True)
     s.close()
     assert resp.status == 200
     assert resp.interims == []            # just the one 100
@@ -1001,14 +858,14 @@ def test_expect_final_response_without_reading_body(env, status):
     st = Stream(s)
     s.sendall(request_head("POST", f"/misc/expect-{status}", "Content-Length: 300000",
                            "Expect: 100-continue"))
-    resp = read_response(st)
+    resp = st.response(interims=True)
     assert resp.interims == [], "a 100 Continue was sent although the backend refused"
     assert resp.status == status
     if status == 401:
         assert resp.body == b"denied"
-        assert resp.get("WWW-Authenticate") == 'Basic realm="t"'
+        assert resp.one("WWW-Authenticate") == 'Basic realm="t"'
     # the body was never sent nor read: the proxy must not wait for it on this connection
-    assert (resp.get("Connection") or "").lower() == "close", resp.headers
+    assert (resp.one("Connection") or "").lower() == "close", resp.headers
     assert st.to_close(timeout=4) == b""
     s.close()
 
@@ -1016,7 +873,7 @@ def test_expect_final_response_without_reading_body(env, status):
 def test_interim_responses_relayed_to_http11_client(env):
     s = connect(env.port)
     s.sendall(request_head("GET", "/misc/interim"))
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     assert [st for st, _ in resp.interims] == [102, 103]
     links = values(resp.interims[1][1], "Link")
@@ -1029,7 +886,7 @@ def test_unsolicited_100_not_relayed(env):
     """A 100 Continue the client did not ask for (no Expect) is not passed on."""
     s = connect(env.port)
     s.sendall(request_head("GET", "/misc/unsolicited-100"))
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     s.close()
     assert resp.interims == []
     assert (resp.status, resp.body) == (200, b"final")
@@ -1125,7 +982,7 @@ def test_backend_refuses_upload_early(env):
 
     t = threading.Thread(target=upload, daemon=True)
     t.start()
-    resp = read_response(Stream(s))
+    resp = Stream(s).response(interims=True)
     assert (resp.status, resp.body) == (413, b"too big")
     deadline = time.monotonic() + 4
     while target not in RECORDS and time.monotonic() < deadline:
@@ -1161,7 +1018,7 @@ def test_bytes_beyond_content_length_not_forwarded(env, when):
     st = Stream(s)
     before = rb.accepted
     s.sendall(request_head("GET", f"/extra/{when}"))
-    first = read_response(st)
+    first = st.response(interims=True)
     assert (first.status, first.body) == (200, b"hello")
     time.sleep(0.3)
     assert st.buf == b""
@@ -1174,10 +1031,10 @@ def test_bytes_beyond_content_length_not_forwarded(env, when):
     s.settimeout(5)
     assert stray == b"", f"bytes beyond the response reached the client: {stray[:100]!r}"
     s.sendall(request_head("GET", "/extra/ok"))
-    nxt = read_response(st)
+    nxt = st.response(interims=True)
     s.close()
     assert (nxt.status, nxt.body) == (200, b"ok")
-    assert nxt.get("X-Backend-Conn") != first.get("X-Backend-Conn"), \
+    assert nxt.one("X-Backend-Conn") != first.one("X-Backend-Conn"), \
         "the backend connection that sent extra bytes was reused"
     assert rb.accepted > before
 
@@ -1261,10 +1118,3 @@ def established_peers(port: int) -> list[str]:
         if state == "01" and int(local.split(":")[1], 16) == port:
             out.append(remote)
     return out
-
-
-def test_proxy_log_has_no_tracebacks(env):
-    """Runs last in this module: nothing above made the proxy log an unhandled error."""
-    log = env.proxy.log()
-    assert "Traceback" not in log, log[-4000:]
-    assert env.proxy.proc.poll() is None

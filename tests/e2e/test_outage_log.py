@@ -13,7 +13,12 @@ import http.client
 import threading
 import time
 
-from test_pool import HOST, Client, lab, log_lines, route, serve, wait_log_line  # noqa: F401
+import pytest
+
+from clients import HOST, HTTPClient
+from scripted import lab_fixture, route, serve
+
+lab = pytest.fixture(lab_fixture)
 
 DOWN_FOR = 2.5
 
@@ -45,7 +50,7 @@ def test_an_outage_under_load_is_a_handful_of_lines_and_every_request_is_logged(
         late.start()                            # the backend comes back
         time.sleep(1.0)
         failed_before_up = statuses.count(503)
-        wait_log_line(p, "recovered", timeout=5.0)
+        p.wait_for_line("recovered", timeout=5.0)
     finally:
         stop.set()
         for t in threads:
@@ -53,12 +58,12 @@ def test_an_outage_under_load_is_a_handful_of_lines_and_every_request_is_logged(
     assert failed_before_up >= 100, f"only {failed_before_up} requests failed: no outage"
     assert set(statuses) == {200, 503}, "a client saw a connection error"
     assert statuses[-1] == 200
-    about = log_lines(p, f"backend {late.url}")       # its first line, summaries, the end
+    about = p.log_lines(f"backend {late.url}")       # its first line, summaries, the end
     began = [line for line in about if line.endswith("connection refused -> 503")]
     assert len(began) == 1, about
-    summaries = log_lines(p, "still failing")
+    summaries = p.log_lines("still failing")
     assert 1 <= len(summaries) <= DOWN_FOR / 1 + 2, about
-    assert len(log_lines(p, "recovered")) == 1
+    assert len(p.log_lines("recovered")) == 1
     assert len(about) <= len(summaries) + 2, about
     assert sum(int(s.split("still failing: ")[1].split()[0]) for s in summaries) + 1 == \
         statuses.count(503), "the summaries do not add up to the failed requests"
@@ -75,11 +80,11 @@ def test_a_balancer_with_no_usable_member_is_one_line_per_interval(lab):
                   extra=f'[balancer.farm]\nforcerecovery = false\n'
                         f'[[balancer.farm.member]]\nurl = "{late1.url}"\nretry = 30\n'
                         f'[[balancer.farm.member]]\nurl = "{late2.url}"\nretry = 30\n')
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     statuses = [c.get(f"/n{i}").status for i in range(300)]
     assert statuses == [503] * 300
-    assert len(log_lines(p, "no usable member -> 503")) == 1, p.log()
-    assert len(log_lines(p, "in error state for 30s")) == 2, p.log()
+    assert len(p.log_lines("no usable member -> 503")) == 1, p.log()
+    assert len(p.log_lines("in error state for 30s")) == 2, p.log()
 
 
 def test_a_standalone_worker_is_tried_on_every_request_by_default(lab):
@@ -87,24 +92,24 @@ def test_a_standalone_worker_is_tried_on_every_request_by_default(lab):
     very next request (checked against Apache 2.4.71)."""
     late = lab.late(serve())
     p = lab.proxy(route("/", late.url + "/", retry=60))
-    assert Client(p.port).get("/x").status == 503
+    assert HTTPClient(p.port).get("/x").status == 503
     late.start()
-    assert Client(p.port).get("/y").status == 200
+    assert HTTPClient(p.port).get("/y").status == 200
 
 
 def test_status_minus_i_puts_a_standalone_worker_in_error_for_retry_seconds(lab):
     late = lab.late(serve())
     p = lab.proxy(route("/", late.url + "/", retry=60, status="-I"))
-    assert Client(p.port).get("/x").status == 503
-    wait_log_line(p, f"backend {late.url}", "in error state for 60s", "connection refused")
+    assert HTTPClient(p.port).get("/x").status == 503
+    p.wait_for_line(f"backend {late.url}", "in error state for 60s", "connection refused")
     late.start()
-    r = Client(p.port).get("/y")
+    r = HTTPClient(p.port).get("/y")
     assert r.status == 503 and late.tracker.accepted == 0, "tried before retry had passed"
 
 
 def test_status_minus_i_with_retry_0_tries_every_request(lab):
     late = lab.late(serve())
     p = lab.proxy(route("/", late.url + "/", retry=0, status="-I"))
-    assert Client(p.port).get("/x").status == 503
+    assert HTTPClient(p.port).get("/x").status == 503
     late.start()
-    assert Client(p.port).get("/y").status == 200
+    assert HTTPClient(p.port).get("/y").status == 200

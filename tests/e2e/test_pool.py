@@ -17,590 +17,17 @@ import random
 import shutil
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
 
-from harness import Echo, Proxy, RawBackend, basic_config, free_port
+from clients import HOST, HTTPClient, fetch
+from scripted import (Wire, close_idle_after, in_threads, kill_second_request, lab_fixture,
+                      one, route, serve, timed)
 
-HOST = "proxy.test"
 RETRY_LINE = "sending again on a new one"      # reverse.py's debug line for a retry
-REASONS = {100: "Continue", 200: "OK", 401: "Unauthorized", 404: "Not Found"}
 
-
-# ---------------------------------------------------------------------------
-# scripted backends
-
-
-class BReq:
-    """A request as a scripted backend received it."""
-
-    def __init__(self, method: str, target: str, headers: list, cid: int, nth: int):
-        self.method = method
-        self.target = target
-        self.headers = headers            # [(name, value)] as received
-        self.cid = cid                    # which backend connection (1, 2, ... by accept)
-        self.nth = nth                    # the how-manieth request on that connection
-        self.body: bytes | None = None    # None: not read (yet)
-
-    def header(self, name: str) -> str | None:
-        values = [v for n, v in self.headers if n.lower() == name.lower()]
-        return ", ".join(values) if values else None
-
-    def __repr__(self):
-        return f"<BReq {self.method} {self.target} conn={self.cid}#{self.nth}>"
-
-
-class Wire:
-    """One accepted backend connection: read requests, write responses."""
-
-    def __init__(self, sock: socket.socket, cid: int, tracker: "Tracker"):
-        self.sock = sock
-        self.cid = cid
-        self.tracker = tracker
-        self.buf = b""
-        self.n = 0
-
-    def _fill(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
-        chunk = self.sock.recv(65536)          # socket.timeout propagates
-        if not chunk:
-            raise EOFError
-        self.buf += chunk
-
-    def head(self, timeout: float | None = 30.0) -> BReq | None:
-        """The next request head, or None when the proxy closed the connection.
-        Raises socket.timeout when no request came within `timeout`."""
-        try:
-            while b"\r\n\r\n" not in self.buf:
-                self._fill(timeout)
-        except (EOFError, ConnectionResetError):
-            return None
-        raw, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = raw.decode("latin-1").split("\r\n")
-        method, target, _ = lines[0].split(" ", 2)
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name, value.strip()))
-        self.n += 1
-        req = BReq(method, target, headers, self.cid, self.n)
-        self.tracker.record(req)
-        return req
-
-    def _take(self, n: int, timeout: float) -> bytes:
-        while len(self.buf) < n:
-            self._fill(timeout)
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def _line(self, timeout: float) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill(timeout)
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def body(self, req: BReq, timeout: float = 30.0) -> bytes:
-        te = (req.header("transfer-encoding") or "").lower()
-        cl = req.header("content-length")
-        data = b""
-        if "chunked" in te:
-            while True:
-                size = int(self._line(timeout).split(b";")[0], 16)
-                if not size:
-                    while self._line(timeout):
-                        pass
-                    break
-                data += self._take(size, timeout)
-                self._line(timeout)
-        elif cl is not None:
-            data = self._take(int(cl), timeout)
-        req.body = data
-        return data
-
-    def request(self, timeout: float | None = 30.0, answer_100: bool = True) -> BReq | None:
-        """A whole request; an `Expect: 100-continue` is answered first if asked."""
-        req = self.head(timeout)
-        if req is None:
-            return None
-        if answer_100 and (req.header("expect") or "").lower() == "100-continue":
-            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            self.body(req)
-        except (EOFError, ConnectionResetError):
-            return None
-        return req
-
-    def reply(self, req: BReq, status: int = 200, body: bytes = b"ok",
-              headers=(), close: bool = False) -> None:
-        hdrs = [("X-Conn", str(self.cid)), ("X-Nth", str(req.nth))]
-        if req.header("x-seq") is not None:
-            hdrs.append(("X-Seq", req.header("x-seq")))
-        hdrs += list(headers)
-        if close:
-            hdrs.append(("Connection", "close"))
-        hdrs.append(("Content-Length", str(len(body))))
-        head = f"HTTP/1.1 {status} {REASONS.get(status, 'Whatever')}\r\n" + \
-            "".join(f"{n}: {v}\r\n" for n, v in hdrs) + "\r\n"
-        self.sock.sendall(head.encode("latin-1") + (b"" if req.method == "HEAD" else body))
-
-    def wait_eof(self, timeout: float = 30.0) -> bool:
-        """Read (and drop) until the proxy closes: True, or `timeout` passes: False."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                self._fill(left)
-            except (EOFError, ConnectionResetError):
-                return True
-            except socket.timeout:
-                return False
-
-
-class Tracker:
-    """Counts one backend's connections and keeps every request it received."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.accepted = 0
-        self.open = 0
-        self.max_open = 0
-        self.closed: set[int] = set()       # connections whose handler has finished
-        self.requests: list[BReq] = []
-        self.wires: dict[int, Wire] = {}
-
-    def handler(self, behaviour):
-        def run(sock):
-            with self.lock:
-                self.accepted += 1
-                cid = self.accepted
-                self.open += 1
-                self.max_open = max(self.max_open, self.open)
-            wire = Wire(sock, cid, self)
-            self.wires[cid] = wire
-            try:
-                behaviour(wire)
-            finally:
-                with self.lock:
-                    self.open -= 1
-                    self.closed.add(cid)
-        return run
-
-    def record(self, req: BReq) -> None:
-        with self.lock:
-            self.requests.append(req)
-
-    def seen(self, seq: str) -> list[BReq]:
-        """The requests carrying `X-Seq: seq` (one per attempt)."""
-        with self.lock:
-            return [r for r in self.requests if r.header("x-seq") == seq]
-
-    def wait(self, predicate, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return predicate()
-
-
-def serve(delay: float = 0.0, answer_100: bool = True):
-    """A plain keep-alive backend: answers every request with 200 (after `delay`, or
-    the request's X-Delay header) and keeps the connection until the proxy closes it."""
-    def behaviour(w: Wire):
-        while True:
-            req = w.request(answer_100=answer_100)
-            if req is None:
-                return
-            pause = float(req.header("x-delay") or delay)
-            if pause:
-                time.sleep(pause)
-            w.reply(req)
-    return behaviour
-
-
-def kill_second_request(how: str = "close"):
-    """Answers the first request on each connection; on the second one (a kept-alive
-    connection being reused) it behaves like a server that has just timed the
-    connection out: "close" reads the head and closes without a byte, "partial" sends
-    the start of a status line first, "silent" reads the head and answers nothing
-    (not even 100 Continue) until the proxy gives up on the connection."""
-    def behaviour(w: Wire):
-        req = w.request()
-        if req is None:
-            return
-        w.reply(req)
-        req = w.head()
-        if req is None:
-            return
-        if how == "partial":
-            w.sock.sendall(b"HTTP/1.1 20")
-        elif how == "silent":
-            w.wait_eof(30.0)
-    return behaviour
-
-
-def close_idle_after(low: float, high: float, answer_100: bool = True, race: float = 0.0):
-    """Closes a connection that stays idle for a random `low`..`high` seconds after a
-    response, like a backend with a very short keep-alive timeout. With `race` > 0,
-    that fraction of requests arriving on a kept-alive connection find it closing:
-    the head is read and the connection closed without a byte (the close and the
-    request crossed on the wire)."""
-    rnd = random.Random(7)
-
-    def behaviour(w: Wire):
-        while True:
-            try:
-                req = w.head(timeout=rnd.uniform(low, high) if w.n else 30.0)
-            except socket.timeout:
-                return                       # idle too long: close (RawBackend closes)
-            if req is None:
-                return
-            if req.nth > 1 and rnd.random() < race:
-                return
-            if answer_100 and (req.header("expect") or "").lower() == "100-continue":
-                w.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            try:
-                w.body(req)
-            except (EOFError, ConnectionResetError):
-                return
-            w.reply(req)
-    return behaviour
-
-
-class LateBackend:
-    """A port that refuses connections (bound, not listening) until `start()`."""
-
-    def __init__(self, behaviour):
-        self.tracker = Tracker()
-        self.handler = self.tracker.handler(behaviour)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.conns: list[socket.socket] = []
-
-    def start(self):
-        self.sock.listen(64)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn):
-        try:
-            self.handler(conn)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self):
-        self.sock.close()
-        for c in self.conns:
-            try:
-                c.close()
-            except OSError:
-                pass
-
-
-class Unaccepting:
-    """A backend that never accepts: listening with backlog 0, its accept queue already
-    filled by connections of our own, so the kernel drops further SYNs and a connect
-    neither succeeds nor is refused: it times out."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.fillers = []
-        for _ in range(3):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", self.port))
-            self.fillers.append(s)
-        time.sleep(0.1)
-
-    def connect_hangs(self) -> bool:
-        """The set-up check: a connect of our own neither succeeds nor is refused."""
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.3).close()
-            return False
-        except socket.timeout:
-            return True
-        except OSError:
-            return False
-
-    def stop(self):
-        for s in self.fillers + [self.sock]:
-            s.close()
-
-
-# ---------------------------------------------------------------------------
-# clients
-
-
-class Resp:
-    def __init__(self, status: int, headers: list, body: bytes):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        values = [v for n, v in self.headers if n.lower() == name.lower()]
-        return ", ".join(values) if values else None
-
-    def all(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-    @property
-    def conn(self) -> int | None:
-        v = self.header("x-conn")
-        return int(v) if v is not None else None
-
-    def __repr__(self):
-        return f"<Resp {self.status} {self.headers!r} {self.body[:120]!r}>"
-
-
-def build(method: str, path: str, headers=(), body: bytes | None = None) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
-    lines += [f"{n}: {v}" for n, v in headers]
-    if body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-
-
-class Client:
-    """One keep-alive client connection; reads every byte the proxy sends, in order,
-    so an interim response the client did not ask for would be seen."""
-
-    def __init__(self, port: int, timeout: float = 15.0):
-        self.timeout = timeout
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-        self.raw = b""                       # everything received, for assertions
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError(f"the proxy closed the connection; unparsed: {self.buf[:200]!r}")
-        self.buf += chunk
-        self.raw += chunk
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def response(self, method: str = "GET") -> Resp:
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name, value.strip()))
-        r = Resp(status, headers, b"")
-        if method == "HEAD" or 100 <= status < 200 or status in (204, 304):
-            return r
-        te = (r.header("transfer-encoding") or "").lower()
-        if "chunked" in te:
-            body = b""
-            while True:
-                size = int(self._line().split(b";")[0], 16)
-                if not size:
-                    while self._line():          # trailer fields, then the blank line
-                        pass
-                    break
-                while len(self.buf) < size + 2:
-                    self._fill()
-                body += self.buf[:size]
-                self.buf = self.buf[size + 2:]
-            r.body = body
-        else:
-            n = int(r.header("content-length") or 0)
-            while len(self.buf) < n:
-                self._fill()
-            r.body, self.buf = self.buf[:n], self.buf[n:]
-        return r
-
-    def call(self, method: str, path: str, headers=(), body: bytes | None = None) -> Resp:
-        self.sock.sendall(build(method, path, headers, body))
-        return self.response(method)
-
-    def get(self, path: str, *headers) -> Resp:
-        return self.call("GET", path, headers)
-
-    def closed_by_proxy(self, timeout: float = 3.0) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return True
-                self.raw += chunk
-        except socket.timeout:
-            return False
-        except ConnectionResetError:
-            return True
-        finally:
-            self.sock.settimeout(self.timeout)
-
-
-def one(port: int, method: str, path: str, headers=(), body: bytes | None = None) -> Resp:
-    c = Client(port)
-    try:
-        return c.call(method, path, headers, body)
-    finally:
-        c.close()
-
-
-def timed(fn, *args, **kw):
-    t = time.monotonic()
-    out = fn(*args, **kw)
-    return out, time.monotonic() - t
-
-
-def in_threads(n: int, target) -> list:
-    """Run target(i) in n threads started together; returns their results (or the
-    exception each raised)."""
-    results: list = [None] * n
-    barrier = threading.Barrier(n)
-
-    def run(i):
-        try:
-            barrier.wait(10)
-            results[i] = target(i)
-        except Exception as e:          # noqa: BLE001 - reported by the caller
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
-
-
-def http_get(port: int, path: str, headers=None) -> int:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        c.request("GET", path, headers={"Host": HOST, **(headers or {})})
-        r = c.getresponse()
-        r.read()
-        return r.status
-    finally:
-        c.close()
-
-
-def log_lines(proxy: Proxy, *needles: str) -> list[str]:
-    return [line for line in proxy.log().splitlines() if all(n in line for n in needles)]
-
-
-def wait_log_line(proxy: Proxy, *needles: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = log_lines(proxy, *needles)
-        if found:
-            return found[0]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line with all of {needles!r}:\n{proxy.log()}")
-        time.sleep(0.05)
-
-
-# ---------------------------------------------------------------------------
-# configuration and the per-test set-up
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return f'"{v}"'
-    return repr(v)
-
-
-def route(path: str, url: str, **params) -> str:
-    lines = ["[[vhost.route]]", f'path = "{path}"', f'url = "{url}"']
-    lines += [f"{k} = {_toml(v)}" for k, v in params.items()]
-    return "\n".join(lines) + "\n"
-
-
-class Lab:
-    """What one test starts; everything is stopped after it, and the proxy's log is
-    checked for tracebacks."""
-
-    def __init__(self, tmp):
-        self.tmp = tmp
-        self.stoppable: list = []
-        self.proxies: list[Proxy] = []
-
-    def backend(self, behaviour) -> RawBackend:
-        tracker = Tracker()
-        b = RawBackend(tracker.handler(behaviour))
-        b.tracker = tracker
-        self.stoppable.append(b)
-        return b
-
-    def late(self, behaviour) -> LateBackend:
-        b = LateBackend(behaviour)
-        self.stoppable.append(b)
-        return b
-
-    def unaccepting(self) -> Unaccepting:
-        b = Unaccepting()
-        self.stoppable.append(b)
-        return b
-
-    def echo(self) -> Echo:
-        e = Echo("pool-echo")
-        self.stoppable.append(e)
-        return e
-
-    def proxy(self, routes: str, extra: str = "", server: str = "",
-              name: str = "proxy.toml") -> Proxy:
-        port = free_port()
-        p = Proxy(basic_config(routes, port, extra=extra, server=server), self.tmp, name=name)
-        p.port = port
-        self.proxies.append(p)
-        return p
-
-    def close(self):
-        logs = []
-        for p in self.proxies:
-            p.stop()
-            logs.append(p.log())
-        for b in self.stoppable:
-            b.stop()
-        for text in logs:
-            assert "Traceback" not in text and "Unhandled" not in text, text
-
-
-@pytest.fixture
-def lab(tmp_path):
-    lab = Lab(tmp_path)
-    yield lab
-    lab.close()
+lab = pytest.fixture(lab_fixture)
 
 
 # ---------------------------------------------------------------------------
@@ -613,7 +40,7 @@ def test_connections_opened_lazily_then_reused_across_clients(lab):
     time.sleep(0.3)
     assert b.tracker.accepted == 0, "nothing is connected before a request needs it"
 
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     for i in range(3):
         assert c.get(f"/k{i}").status == 200
     c.close()
@@ -629,7 +56,7 @@ def test_backend_closing_idle_connection_is_noticed_at_once(lab):
     POST whose body went out is never replayed (it would be a 502)."""
     b = lab.backend(close_idle_after(0.05, 0.05))
     p = lab.proxy(route("/", b.url + "/"))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/first").status == 200
     assert b.tracker.wait(lambda: 1 in b.tracker.closed, 2.0)
     time.sleep(0.2)
@@ -651,7 +78,7 @@ def test_max_holds_under_200_concurrent_clients(lab):
     p = lab.proxy(route("/", b.url + "/", max=10, acquire=30))
 
     def client(i):
-        return http_get(p.port, f"/c{i}")
+        return fetch(p.port, f"/c{i}", timeout=30).status
 
     (results, took) = timed(in_threads, 200, client)
     errors = [r for r in results if r != 200]
@@ -667,16 +94,16 @@ def test_max_holds_under_200_concurrent_clients(lab):
 def test_acquire_times_out_with_503(lab):
     b = lab.backend(serve())
     p = lab.proxy(route("/", b.url + "/", max=1, acquire=0.3))
-    slow = Client(p.port)
-    slow.sock.sendall(build("GET", "/slow", [("X-Delay", "1.5")]))
+    slow = HTTPClient(p.port)
+    slow.request("GET", "/slow", [("X-Delay", "1.5")])
     assert b.tracker.wait(lambda: len(b.tracker.requests) == 1)
 
-    waiting = Client(p.port)
+    waiting = HTTPClient(p.port)
     r, took = timed(waiting.get, "/waits")
     assert r.status == 503, r
     assert 0.25 <= took < 1.2, took
     assert "text/html" in (r.header("content-type") or "")
-    line = wait_log_line(p, "-> 503", "no free connection within acquire=0.3s")
+    line = p.wait_for_line("-> 503", "no free connection within acquire=0.3s")
     assert "max=1" in line, line
 
     assert slow.response().status == 200
@@ -690,8 +117,8 @@ def test_acquire_times_out_with_503(lab):
 def test_acquire_waits_for_a_connection_to_come_free(lab):
     b = lab.backend(serve())
     p = lab.proxy(route("/", b.url + "/", max=1, acquire=3))
-    first = Client(p.port)
-    first.sock.sendall(build("GET", "/one", [("X-Delay", "0.6")]))
+    first = HTTPClient(p.port)
+    first.request("GET", "/one", [("X-Delay", "0.6")])
     assert b.tracker.wait(lambda: len(b.tracker.requests) == 1)
     r, took = timed(one, p.port, "GET", "/two")
     assert r.status == 200 and r.conn == 1
@@ -703,11 +130,11 @@ def test_acquire_waits_for_a_connection_to_come_free(lab):
 def test_client_leaving_while_waiting_for_a_connection_takes_none(lab):
     b = lab.backend(serve())
     p = lab.proxy(route("/", b.url + "/", max=1))
-    busy = Client(p.port)
-    busy.sock.sendall(build("GET", "/busy", [("X-Delay", "0.5")]))
+    busy = HTTPClient(p.port)
+    busy.request("GET", "/busy", [("X-Delay", "0.5")])
     assert b.tracker.wait(lambda: len(b.tracker.requests) == 1)
-    quitter = Client(p.port)
-    quitter.sock.sendall(build("GET", "/quitter"))
+    quitter = HTTPClient(p.port)
+    quitter.request("GET", "/quitter")
     time.sleep(0.1)
     # gone for good (RST); a FIN alone says "nothing more to send" and is answered
     quitter.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
@@ -761,7 +188,7 @@ def test_ttl_idle_connection_not_reused_and_closed(lab):
 def test_smax_bounds_idle_connections_after_ttl(lab):
     b = lab.backend(serve())
     p = lab.proxy(route("/", b.url + "/", max=6, smax=2, ttl=0.5))
-    results = in_threads(6, lambda i: http_get(p.port, f"/s{i}", {"X-Delay": "0.4"}))
+    results = in_threads(6, lambda i: fetch(p.port, f"/s{i}", {"X-Delay": "0.4"}, timeout=30).status)
     assert results == [200] * 6
     assert b.tracker.accepted == 6 and b.tracker.max_open == 6
     # the pool maintenance closes idle connections above smax once older than ttl
@@ -786,7 +213,7 @@ def test_connectiontimeout_backend_never_accepts_503(lab):
     r, took = timed(one, p.port, "GET", "/never/x")
     assert r.status == 503, r
     assert 0.4 <= took < 3.0, took
-    wait_log_line(p, "-> 503", "connect timed out")
+    p.wait_for_line("-> 503", "connect timed out")
     # connectiontimeout covers the connect only: a backend slower than it still answers
     r = one(p.port, "GET", "/slow/x", [("X-Delay", "1")])
     assert r.status == 200, r
@@ -799,7 +226,7 @@ def test_connect_timeout_defaults_to_worker_timeout(lab):
     r, took = timed(one, p.port, "GET", "/x")
     assert r.status == 503, r
     assert 0.7 <= took < 3.0, took
-    wait_log_line(p, "-> 503", "connect timed out")
+    p.wait_for_line("-> 503", "connect timed out")
 
 
 def test_refused_connection_503_at_once(lab):
@@ -809,7 +236,7 @@ def test_refused_connection_503_at_once(lab):
     r, took = timed(one, p.port, "GET", "/x")
     assert r.status == 503, r
     assert took < 1.0, took
-    wait_log_line(p, "-> 503", "connection refused")
+    p.wait_for_line("-> 503", "connection refused")
 
 
 def _silent(w: Wire):
@@ -820,11 +247,11 @@ def _silent(w: Wire):
 def test_timeout_backend_accepts_but_never_answers_504(lab):
     b = lab.backend(_silent)
     p = lab.proxy(route("/", b.url + "/", timeout=0.5))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     r, took = timed(c.get, "/x")
     assert r.status == 504, r
     assert 0.45 <= took < 3.0, took
-    wait_log_line(p, "-> 504", "no answer within 0.5s")
+    p.wait_for_line("-> 504", "no answer within 0.5s")
     assert b.tracker.wait(lambda: 1 in b.tracker.closed, 2.0), \
         "the proxy left the silent connection open"
     # the timed-out connection is not put back: the next request opens another
@@ -858,7 +285,7 @@ def test_timeout_is_inactivity_not_total_time(lab):
 def test_disablereuse_one_connection_per_request(lab):
     b = lab.backend(serve())
     p = lab.proxy(route("/", b.url + "/", disablereuse=True))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     conns = [c.get(f"/r{i}").conn for i in range(4)]
     assert conns == [1, 2, 3, 4]
     assert all(r.nth == 1 for r in b.tracker.requests)
@@ -903,7 +330,7 @@ def test_keepalive_sets_so_keepalive_on_backend_sockets(lab):
 def test_ping_expect_sent_on_reused_connections_with_a_body_only(lab):
     b = lab.backend(serve())
     p = lab.proxy(route("/", b.url + "/", ping=1))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     body = bytes(range(256)) * 40
     r1 = c.call("POST", "/fresh", body=body)
     r2 = c.call("POST", "/reused", body=body)
@@ -921,7 +348,7 @@ def test_ping_expect_sent_on_reused_connections_with_a_body_only(lab):
 def test_ping_unanswered_moves_an_idempotent_request_to_a_fresh_connection(lab):
     b = lab.backend(kill_second_request("silent"))
     p = lab.proxy(route("/", b.url + "/", ping=0.5, timeout=10))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.call("PUT", "/one", body=b"first").status == 200
     r, took = timed(c.call, "PUT", "/two", body=b"second body")
     assert r.status == 200, r
@@ -933,7 +360,7 @@ def test_ping_unanswered_moves_an_idempotent_request_to_a_fresh_connection(lab):
     assert attempts[1].body == b"second body"
     assert b.tracker.wires[1].buf == b"", "the held-back body reached the silent backend"
     assert 1 in b.tracker.closed
-    assert log_lines(p, RETRY_LINE, "ping")
+    assert p.log_lines(RETRY_LINE, "ping")
 
 
 def test_ping_unanswered_post_is_503_and_never_sent_again(lab):
@@ -941,26 +368,26 @@ def test_ping_unanswered_post_is_503_and_never_sent_again(lab):
     on it, so it is not sent again; its held-back body never left."""
     b = lab.backend(kill_second_request("silent"))
     p = lab.proxy(route("/", b.url + "/", ping=0.5, timeout=10))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.call("POST", "/one", body=b"first").status == 200
     r = c.call("POST", "/two", [("X-Seq", "2")], body=b"second body")
     assert r.status == 503, r
     assert len(b.tracker.seen("2")) == 1 and b.tracker.accepted == 1
     assert b.tracker.wires[1].buf == b"", "the held-back body reached the silent backend"
-    wait_log_line(p, "ping", "POST is not idempotent: not sent again", "-> 503")
+    p.wait_for_line("ping", "POST is not idempotent: not sent again", "-> 503")
 
 
 def test_ping_rescues_put_on_connection_closed_by_backend(lab):
     b = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", b.url + "/", ping=1))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.call("PUT", "/one", body=b"first").status == 200
     r = c.call("PUT", "/two", [("X-Seq", "2")], body=b"second body")
     assert r.status == 200, r
     attempts = b.tracker.seen("2")
     assert [x.cid for x in attempts] == [1, 2]
     assert attempts[1].body == b"second body"
-    assert log_lines(p, RETRY_LINE)
+    assert p.log_lines(RETRY_LINE)
 
 
 def test_ping_final_response_instead_of_100(lab):
@@ -975,7 +402,7 @@ def test_ping_final_response_instead_of_100(lab):
 
     b = lab.backend(refuse_reused)
     p = lab.proxy(route("/", b.url + "/", ping=1))
-    c = Client(p.port, timeout=3.0)
+    c = HTTPClient(p.port, timeout=3.0)
     assert c.call("POST", "/one", body=b"first").status == 200
     r = c.call("POST", "/two", body=b"never sent on")
     assert r.status == 401 and r.body == b"no", r
@@ -995,7 +422,7 @@ def test_stale_connection_retry_for_idempotent_and_bodyless_requests(lab):
     again, transparently, on a new one."""
     b = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", b.url + "/"))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-up").status == 200
     cases = [
         ("GET", None), ("HEAD", None), ("OPTIONS", None), ("DELETE", None),
@@ -1011,26 +438,26 @@ def test_stale_connection_retry_for_idempotent_and_bodyless_requests(lab):
         assert attempts[1].method == method
         if body:
             assert attempts[1].body == body, "the replayed body differs"
-    assert len(log_lines(p, RETRY_LINE)) == len(cases)
+    assert len(p.log_lines(RETRY_LINE)) == len(cases)
 
 
 def test_post_whose_body_was_sent_is_never_replayed_502(lab):
     b = lab.backend(kill_second_request("close"))
     p = lab.proxy(route("/", b.url + "/"))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-up").status == 200
     r = c.call("POST", "/order", [("X-Seq", "1")], body=b"buy 1 share")
     assert r.status == 502, r
     assert len(b.tracker.seen("1")) == 1, "the POST was sent twice"
     assert b.tracker.accepted == 1
-    wait_log_line(p, "-> 502")
+    p.wait_for_line("-> 502")
     assert RETRY_LINE not in p.log()
 
 
 def test_failure_after_a_response_byte_is_not_retried(lab):
     b = lab.backend(kill_second_request("partial"))
     p = lab.proxy(route("/", b.url + "/"))
-    c = Client(p.port)
+    c = HTTPClient(p.port)
     assert c.get("/warm-up").status == 200
     r = c.get("/x", ("X-Seq", "1"))
     assert r.status == 502, r
@@ -1048,7 +475,7 @@ def test_failure_on_a_new_connection_is_not_retried(lab):
     r = one(p.port, "GET", "/x", [("X-Seq", "1")])
     assert r.status == 502, r
     assert b.tracker.accepted == 1 and len(b.tracker.seen("1")) == 1
-    wait_log_line(p, "-> 502", "connection closed without a response")
+    p.wait_for_line("-> 502", "connection closed without a response")
 
 
 @pytest.mark.parametrize("method,ping", [("GET", 0), ("PUT", 1)])
@@ -1085,7 +512,7 @@ def test_backend_closing_idle_connections_randomly_no_client_errors(lab, method,
     results = in_threads(8, client)
     assert results == [[]] * 8, results
     assert b.tracker.accepted > 20, "the backend never closed anything: no test"
-    assert len(log_lines(p, RETRY_LINE)) >= 5, "no request crossed a close: no test"
+    assert len(p.log_lines(RETRY_LINE)) >= 5, "no request crossed a close: no test"
     if method == "PUT":
         assert all(r.body == body for r in b.tracker.requests if r.body is not None)
 
@@ -1126,8 +553,8 @@ def iis_ntlm(w: Wire):
 def test_ntlm_handshake_stays_on_one_backend_connection(lab):
     b = lab.backend(iis_ntlm)
     p = lab.proxy(route("/", b.url + "/"))
-    a = Client(p.port)
-    other = Client(p.port)      # between a's steps: it would get a's connection if it
+    a = HTTPClient(p.port)
+    other = HTTPClient(p.port)      # between a's steps: it would get a's connection if it
                                 # were back in the pool (the pool hands out the newest)
     r = a.get("/app")
     assert r.status == 401 and "NTLM" in r.all("www-authenticate"), r
@@ -1161,7 +588,7 @@ def test_ntlm_handshake_stays_on_one_backend_connection(lab):
 def test_ntlm_two_clients_get_their_own_backend_connections(lab):
     b = lab.backend(iis_ntlm)
     p = lab.proxy(route("/", b.url + "/"))
-    clients = [Client(p.port), Client(p.port)]
+    clients = [HTTPClient(p.port), HTTPClient(p.port)]
     conns = [set(), set()]
     steps = [(), (("Authorization", "NTLM " + TYPE1),), (("Authorization", "NTLM " + TYPE3),),
              ()]
@@ -1179,7 +606,7 @@ def test_ntlm_two_clients_get_their_own_backend_connections(lab):
 def test_ntlm_pinned_connection_closed_by_backend_is_not_reused(lab):
     b = lab.backend(iis_ntlm)
     p = lab.proxy(route("/", b.url + "/"))
-    a = Client(p.port)
+    a = HTTPClient(p.port)
     assert a.get("/app").status == 401
     assert a.get("/app", ("Authorization", "NTLM " + TYPE1)).status == 401
     r = a.get("/app", ("Authorization", "NTLM " + TYPE3), ("X-Close-After", "1"))
@@ -1199,12 +626,12 @@ def test_shorter_url_defined_first_shares_its_worker_and_parameters(lab):
     e = lab.echo()
     p = lab.proxy(route("/a", e.url + "/", timeout=0.5) +
                   route("/b", e.url + "/slow", timeout=5))
-    line = wait_log_line(p, "shares worker")
+    line = p.wait_for_line("shares worker")
     assert "ignored" in line and "/slow" in line, line
     r, took = timed(one, p.port, "GET", "/b/x", [("X-Echo-Delay", "1.2")])
     assert r.status == 504, r           # /b's own timeout = 5 would have waited
     assert took < 1.1, took
-    wait_log_line(p, "-> 504", "no answer within 0.5s")
+    p.wait_for_line("-> 504", "no answer within 0.5s")
 
 
 def test_longer_url_defined_first_keeps_its_own_worker(lab):
@@ -1228,8 +655,8 @@ def test_routes_to_the_same_backend_share_one_pool(lab):
     assert "shares worker" not in p.log()      # same parameters: nothing to warn about
     assert one(p.port, "GET", "/one/x").conn == 1
     assert one(p.port, "GET", "/two/x").conn == 1
-    busy = Client(p.port)
-    busy.sock.sendall(build("GET", "/one/slow", [("X-Delay", "1")]))
+    busy = HTTPClient(p.port)
+    busy.request("GET", "/one/slow", [("X-Delay", "1")])
     assert b.tracker.wait(lambda: len(b.tracker.requests) == 3)
     assert one(p.port, "GET", "/two/y").status == 503, "max=1 is per worker, not per route"
     assert busy.response().status == 200
@@ -1247,11 +674,11 @@ max = 1
 acquire = 0.3
 """)
     # members are defined first, so the route's (default) parameters are ignored
-    wait_log_line(p, "shares worker", "route")
+    p.wait_for_line("shares worker", "route")
     assert one(p.port, "GET", "/bal/x").conn == 1
     assert one(p.port, "GET", "/r/x").conn == 1
-    busy = Client(p.port)
-    busy.sock.sendall(build("GET", "/bal/slow", [("X-Delay", "1")]))
+    busy = HTTPClient(p.port)
+    busy.request("GET", "/bal/slow", [("X-Delay", "1")])
     assert b.tracker.wait(lambda: len(b.tracker.requests) == 3)
     assert one(p.port, "GET", "/r/y").status == 503
     assert busy.response().status == 200
@@ -1288,9 +715,9 @@ retry = 1.5
     # picks first is its business; a failover of that request is not checked here)
     for _ in range(4):
         one(p.port, "GET", "/probe")
-        if log_lines(p, "connection refused"):
+        if p.log_lines("connection refused"):
             break
-    assert log_lines(p, "connection refused")
+    assert p.log_lines("connection refused")
     errored_at = time.monotonic()
     late.start()
     while time.monotonic() - errored_at < 1.0:
