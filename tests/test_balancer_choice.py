@@ -7,6 +7,12 @@ from collections import Counter
 from twistproxy.balancer import Balancer
 from twistproxy.balancer.sticky import route_from_cookie, route_from_url, split_route
 from twistproxy.config import loads
+from twistproxy.runtime import Runtime
+
+
+def in_error(member, now: float) -> None:
+    """A failed connect, as the request path reports it: through the runtime."""
+    Runtime([member.owner]).mark_error(member, now, "test")
 
 
 def balancer(members: str, params: str = "") -> Balancer:
@@ -87,7 +93,7 @@ def test_hot_standby_only_when_the_others_are_down():
     b = balancer(member(1) + member(2) + member(3, 'status = "+H"'))
     assert 3 not in pick(b, 20)
     for m in b.members[:2]:
-        m.mark_error(now=0.0)
+        in_error(m, 0.0)
     assert pick(b, 5, now=1.0) == {3: 5}
 
 
@@ -100,15 +106,15 @@ def test_lower_lbset_first():
 
 def test_error_state_retry_and_forced_recovery():
     b = balancer(member(1, "retry = 10") + member(2, "retry = 10"))
-    b.members[0].mark_error(now=100.0)
+    in_error(b.members[0], 100.0)
     assert pick(b, 4, now=105.0) == {2: 4}
     assert 1 in pick(b, 4, now=111.0)           # retry elapsed: tried again
-    b.members[0].mark_error(now=200.0)
-    b.members[1].mark_error(now=200.0)
+    in_error(b.members[0], 200.0)
+    in_error(b.members[1], 200.0)
     assert pick(b, 2, now=201.0)[None] == 0     # forcerecovery clears all at once
     b2 = balancer(member(1) + member(2), "forcerecovery = false")
     for m in b2.members:
-        m.mark_error(now=0.0)
+        in_error(m, 0.0)
     assert pick(b2, 1, now=1.0) == {None: 1}
 
 
@@ -134,7 +140,7 @@ def test_hot_spare_replaces_one_unusable_member_each():
     b = balancer(member(1) + member(2) + member(3, 'status = "+R"') +
                  member(4, 'status = "+R"'))
     assert set(pick(b, 20)) == {1, 2}            # spares idle while all are up
-    b.members[0].mark_error(now=0.0)
+    in_error(b.members[0], 0.0)
     assert set(pick(b, 20, now=1.0)) == {2, 3}   # one spare steps in for one member
-    b.members[1].mark_error(now=0.0)
+    in_error(b.members[1], 0.0)
     assert set(pick(b, 20, now=1.0)) == {3, 4}

@@ -77,7 +77,7 @@ def test_http_check_request_and_state_machine():
 def test_passes_clear_an_error_state_too_and_silence_is_a_failure():
     reactor, ctx = context('hcmethod = "HEAD"', 'hcinterval = 1')
     (check,) = ctx.health_checks
-    check.member.mark_error(now=0.0)
+    ctx.runtime.mark_error(check.member, 0.0, "test")
     check.start()
     answer(reactor, 0, b"HTTP/1.1 200 OK\r\n\r\n")
     assert "E" not in check.member.flags

@@ -13,12 +13,14 @@ from twisted.logger import Logger
 from . import headers as H
 from .authority import absolute_form, host_port
 from .balancer import Balancer
+from .balancer.attempt import Attempt
 from .balancer.health import HealthCheck
-from .config import BackendURL, Config, RouteConfig, VhostConfig
+from .config import BackendURL, Config, VhostConfig
 from .handlers.connect import ConnectExchange, ForwardGate
 from .handlers.reverse import ReverseExchange
 from .outages import Outage, summary_interval
 from .pool import Pool
+from .runtime import ListenerCounters, RouteRuntime, Runtime
 from .tls import client_options_for
 from .workers import Workers, longest
 from .routing import Router, has_encoded_slash, normalize_path, split_host
@@ -31,86 +33,11 @@ log = Logger(namespace="twistproxy")
 _ROUTED_MAX = 4096
 
 
-class RouteRuntime:
-    """A route with everything the request path needs, resolved at start-up."""
-
-    def __init__(self, ctx: "ProxyContext", vhost: VhostConfig, route: RouteConfig,
-                 reverse_entries: list):
-        self.vhost = vhost
-        self.route = route
-        self.where = route.where
-        w = route.worker
-        self.disablereuse = w.disablereuse
-        self.server_name = vhost.server_name.encode("idna")
-        self.via_name = self.server_name
-        self.request_actions = vhost.request_headers + route.request_headers
-        self.response_actions = vhost.response_headers + route.response_headers
-        self.error_actions = tuple(a for a in self.response_actions if a.always)
-        rmap = H.ReverseMap(reverse_entries, route.cookie_domain, route.cookie_path)
-        self.reverse_map = rmap if rmap else None
-        url = route.url
-        self.balancer: Balancer | None = None
-        self.pool: Pool | None = None
-        self.candidates = None            # same-origin workers, when more than one
-        self.origin = ""
-        self.backend_name = ""
-        if url is not None and url.is_balancer:
-            self.balancer = ctx.balancers[url.host]
-            self.member_pools = ctx.member_pools
-            cookie = dict(ctx.config.balancers[url.host].sticky_cookie)
-            self._sticky_cookie = cookie or None
-        elif url is not None:
-            self.pool = ctx.workers.define(url, w, route.where)
-            self.candidates = ctx.workers.candidates(url)
-            self.origin = url.origin
-            self.backend_name = url.origin
-
-    def pool_for(self, target: bytes) -> Pool:
-        """Request time: the longest worker prefixing the target URL (§1.5)."""
-        candidates = self.candidates
-        if len(candidates) == 1:
-            return self.pool
-        return longest(candidates, self.origin + target.decode("latin-1"))
-
-    def sticky_cookie_header(self, member) -> tuple[bytes, bytes] | None:
-        c = self._sticky_cookie if self.balancer is not None else None
-        if c is None or member is None or not member.route:
-            return None
-        return (b"Set-Cookie", f"{c['name']}=.{member.route}; Path={c['path']}".encode())
-
-    def balancer_done(self, member, sent: int, received: int, ok: bool) -> None:
-        self.balancer.done(member, sent, received)
-        if not ok:
-            member.mark_error(self._now())
-
-    _now = None
-
-
 def _set_host(req, authority: bytes) -> None:
     """An absolute-form target's authority replaces Host (RFC 9112 §3.2.2)."""
     req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
     req.headers.insert(0, (b"Host", authority))
     req.host = authority
-
-
-class Balanced:
-    """A request's dealings with a balancer: members tried, and how to address one."""
-
-    __slots__ = ("balancer", "target", "url", "cookie", "tried", "max_attempts")
-
-    def __init__(self, balancer: Balancer, target: bytes, cookie: str | None):
-        self.balancer = balancer
-        self.target = target                 # relative to the balancer URL
-        self.url = target.decode("latin-1")   # where a sticky URL parameter is looked for
-        self.cookie = cookie
-        self.tried: list = []
-        configured = balancer.config.maxattempts
-        n = len(balancer.members)
-        self.max_attempts = configured if configured is not None else \
-            (n - 1 if n >= 2 else 0)
-
-    def member_target(self, member) -> bytes:
-        return member.base + self.target if member.base else self.target
 
 
 class ProxyContext:
@@ -127,28 +54,25 @@ class ProxyContext:
         self.head_limit = s.limit_request_line + s.limit_request_fields * \
             (s.limit_request_fieldsize + 2) + 4
         self.workers = Workers(reactor, config.server, client_options_for, config.path)
-        self.balancers = {name: Balancer(b) for name, b in config.balancers.items()}
-        for name, bal in self.balancers.items():
+        self.runtime = Runtime(Balancer(b) for b in config.balancers.values())
+        self.health_checks: list[HealthCheck] = []
+        for name, bal in self.runtime.balancers.items():
             retry = min(m.config.worker.retry for m in bal.members)
             bal.outage = Outage(f"balancer://{name}", summary_interval(retry),
                                 reactor.seconds, reactor.callLater)
-        self.member_pools = {}
-        self.health_checks: list[HealthCheck] = []
-        for name, bal in self.balancers.items():
             for i, m in enumerate(bal.members):
-                pool = self.member_pools[id(m)] = self.workers.define(
-                    m.config.url, m.config.worker, f"balancer.{name}.member[{i}]",
-                    member=True)
+                m.pool = self.workers.define(m.config.url, m.config.worker,
+                                             f"balancer.{name}.member[{i}]", member=True)
                 if m.config.hcmethod != "NONE":
-                    self.health_checks.append(HealthCheck(reactor, name, m, pool))
+                    self.health_checks.append(HealthCheck(reactor, self.runtime, m))
         self.connections: set = set()
+        self.listeners = {listen.key: ListenerCounters() for listen in config.listeners}
         self.stopping = False
-        self.routes: dict[int, RouteRuntime] = {}
-        RouteRuntime._now = staticmethod(reactor.seconds)
+        self.routes: dict[str, RouteRuntime] = {}        # by key path, "vhost[0].route[1]"
         for vhost in config.vhosts:
             entries = self._reverse_entries(vhost)
             for route in vhost.routes:
-                self.routes[id(route)] = RouteRuntime(self, vhost, route, entries)
+                self.routes[route.where] = RouteRuntime(self, vhost, route, entries)
         # the forward proxy: per listener, its first vhost with proxy_requests
         self.forward_gates: dict[str, ForwardGate] = {}
         for listen in config.listeners:
@@ -254,7 +178,7 @@ class ProxyContext:
                                       if query is not None else None, req.header)
         if match is None:
             return self.reject(conn, req, 404, "no route")
-        rt = self.routes[id(match.route)]
+        rt = self.routes[match.route.where]
         target = match.target.encode("latin-1")
         routed = (rt, target, rt.pool_for(target) if rt.balancer is None else None)
         if len(req.target) <= 512 and not self.router.reads_headers(vhost):
@@ -266,20 +190,13 @@ class ProxyContext:
     def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes,
                            waited_until: float | None = None) -> None:
         bal = rt.balancer
-        lb = Balanced(bal, target, req.header("cookie") if bal.sticky_cookie else None)
-        choice = None
-        if conn.pinned:
-            # a connection authenticated by NTLM/Negotiate stays on its member
-            for m in bal.members:
-                if rt.member_pools[id(m)] in conn.pinned:
-                    choice = bal.elect(m)
-                    break
-        if choice is None:
-            choice = bal.choose(lb.url, lb.cookie, self.reactor.seconds())
+        now = self.reactor.seconds()
+        attempt = Attempt(self.runtime, bal, target,
+                          req.header("cookie") if bal.sticky_cookie else None, rt.where)
+        choice = attempt.first(conn.pinned, now)
         member = choice.member
         if member is None:
-            wait = bal.config.timeout
-            now = self.reactor.seconds()
+            wait = bal.timeout
             if wait and not choice.sticky_route and conn.transport.connected:
                 # balancer timeout: poll for a usable member before giving up
                 until = waited_until if waited_until is not None else now + wait
@@ -293,10 +210,8 @@ class ProxyContext:
             return conn.respond_error(req, 503)
         if bal.outage.failing:
             bal.outage.succeeded()
-        lb.tried.append(member)
-        ReverseExchange(self, conn, req, rt, lb.member_target(member),
-                        rt.member_pools[id(member)], member.log_name,
-                        member=member, choice=choice, lb=lb).start()
+        ReverseExchange(self, conn, req, rt, attempt.member_target(member), member.pool,
+                        member.log_name, attempt=attempt).start()
 
     def _forward(self, conn, req, gate, scheme: bytes, authority: bytes, path: bytes) -> None:
         """An absolute-form request for another host, through a proxy_requests vhost."""
@@ -371,6 +286,19 @@ class ProxyContext:
         return H.apply_actions(headers, actions, error_response=True) if actions else headers
 
     def log_access(self, conn, req) -> None:
+        """Once per request: its access-log line, and the counters of its route and
+        listener (plain adds; readers compute rates)."""
+        status, sent = req.status, req.sent
+        rt = req.route
+        if rt is not None:
+            c = rt.counters
+            c.requests += 1
+            c.responses[status // 100 if status < 600 else 0] += 1
+            c.bytes_out += sent
+        lc = self.listeners.get(conn.listen_key)
+        if lc is not None:
+            lc.requests += 1
+            lc.bytes_out += sent
         if self.access_log is None:
             return
         self.access_log.log(conn.peer_ip, req.request_line, req.status, req.sent,
@@ -378,6 +306,13 @@ class ProxyContext:
 
     def connection_made(self, conn) -> None:
         self.connections.add(conn)
+        lc = self.listeners.get(conn.listen_key)
+        if lc is not None:
+            lc.accepted += 1
+            lc.open += 1
 
     def connection_closed(self, conn) -> None:
         self.connections.discard(conn)
+        lc = self.listeners.get(conn.listen_key)
+        if lc is not None:
+            lc.open -= 1

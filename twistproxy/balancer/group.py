@@ -18,22 +18,45 @@ _UNUSABLE = frozenset("DSEC")      # disabled, stopped, in error, hcheck failed
 
 @dataclass(eq=False)
 class Member:
+    """A member's live state: admin settings (copied from its config, then changed
+    only through runtime.Runtime), health and error state, and counters kept with
+    plain integer adds on the request path."""
     config: MemberConfig
     name: str                        # the member URL as Apache names a worker
     lbfactor: int                    # loadfactor x 100
     flags: set = field(default_factory=set)
     lbstatus: int = 0
     busy: int = 0
-    transferred: int = 0
-    read: int = 0
+    transferred: int = 0             # request bytes sent to it ("To")
+    read: int = 0                    # response bytes read from it ("From")
     elected: int = 0
     error_time: float = 0.0
     log_name: str = ""               # balancer://NAME|MEMBER|ROUTE, for the access log
     base: bytes = b""                # the member URL's path, before the request's
+    route: str = ""
+    redirect: str = ""
+    lbset: int = 0
+    balancer: str = ""               # its balancer's name
+    owner: "Balancer | None" = None
+    pool: object = None              # its worker's connection pool (pool.Pool)
+    # counters
+    responses: list = field(default_factory=lambda: [0] * 6)   # by status class
+    errors: dict = field(default_factory=dict)                 # cause kind -> count
+    retries: int = 0
+    failovers: int = 0
+    hc_passed: int = 0
+    hc_failed: int = 0
+    error_seconds: float = 0.0       # time spent in error state, ended periods
 
-    @property
-    def route(self) -> str:
-        return self.config.route
+    def __post_init__(self):
+        if not self.route:
+            self.route = self.config.route
+        self.redirect = self.redirect or self.config.redirect
+        self.lbset = self.lbset or self.config.lbset
+
+    def count_error(self, kind: str) -> None:
+        errors = self.errors
+        errors[kind] = errors.get(kind, 0) + 1
 
     @property
     def standby(self) -> bool:
@@ -54,14 +77,14 @@ class Member:
         """An errored member becomes a candidate again once `retry` has passed."""
         if "E" in self.flags and "S" not in self.flags \
                 and now >= self.error_time + self.config.worker.retry:
-            self.flags.discard("E")
+            self.leave_error(now)
+            if self.owner is not None and self.owner.on_retry is not None:
+                self.owner.on_retry(self.owner, [self])
 
-    def mark_error(self, now: float) -> None:
-        if "I" not in self.flags:
-            self.flags.add("E")
-            self.error_time = now
-
-    def mark_ok(self) -> None:
+    def leave_error(self, now: float) -> None:
+        self.flags.discard("E")
+        if self.error_time:
+            self.error_seconds += max(0.0, now - self.error_time)
         self.error_time = 0.0
 
 
@@ -85,25 +108,52 @@ class Choice:
 
 
 class Balancer:
+    """Its settings start as configured and change only through runtime.Runtime
+    (the manager, the state file): lbmethod, timeout, maxattempts, nofailover,
+    stickysession; the rest of `config` (failonstatus, forcerecovery, ...) is fixed."""
+
     def __init__(self, config: BalancerConfig):
         self.config = config
         self.name = config.name
-        self.members = [Member(m, m.url.origin + m.url.path.rstrip("/"),
-                               int(round(m.loadfactor * 100)), parse_status(m.status))
-                        for m in config.members]
-        for m in self.members:
-            m.log_name = f"balancer://{self.name}|{m.name}|{m.route or '-'}"
-            m.base = m.config.url.path.rstrip("/").encode("latin-1")
-        self.max_lbset = max(m.config.lbset for m in self.members)
-        sticky = config.stickysession
-        cookie, _, param = sticky.partition("|")
+        self.members: list[Member] = []
+        for m in config.members:
+            self.add_member(m)
+        self.lbmethod = config.lbmethod
+        self.timeout = config.timeout
+        self.maxattempts = config.maxattempts
+        self.nofailover = config.nofailover
+        self.stickysession = config.stickysession
+        self._settings_changed()
+        self._total = 0
+        self.outage = None      # outages.Outage, given by the proxy (it has the clock)
+        self.on_retry = None    # runtime.Runtime's hook: members left error state
+
+    def add_member(self, mc: MemberConfig) -> Member:
+        m = Member(mc, mc.url.origin + mc.url.path.rstrip("/"),
+                   int(round(mc.loadfactor * 100)), parse_status(mc.status))
+        m.balancer = self.name
+        m.owner = self
+        m.log_name = f"balancer://{self.name}|{m.name}|{m.route or '-'}"
+        m.base = mc.url.path.rstrip("/").encode("latin-1")
+        self.members.append(m)
+        self.lbsets_changed()
+        return m
+
+    def lbsets_changed(self) -> None:
+        self.max_lbset = max(m.lbset for m in self.members)
+
+    def set(self, field: str, value) -> None:
+        """A setting changed by runtime.Runtime.apply (validated there)."""
+        setattr(self, field, value)
+        self._settings_changed()
+
+    def _settings_changed(self) -> None:
+        cookie, _, param = self.stickysession.partition("|")
         self.sticky_cookie = cookie
         self.sticky_param = param or cookie
         self._better = {"byrequests": self._by_requests, "bytraffic": self._by_traffic,
-                        "bybusyness": self._by_busyness}[config.lbmethod]
-        self._counts_lbstatus = config.lbmethod in ("byrequests", "bybusyness")
-        self._total = 0
-        self.outage = None      # outages.Outage, given by the proxy (it has the clock)
+                        "bybusyness": self._by_busyness}[self.lbmethod]
+        self._counts_lbstatus = self.lbmethod in ("byrequests", "bybusyness")
 
     # -- per request ----------------------------------------------------------------
 
@@ -111,7 +161,9 @@ class Balancer:
                exclude: tuple = ()) -> Choice:
         if self.config.forcerecovery and self._all_in_error():
             for m in self.members:
-                m.flags.discard("E")
+                m.leave_error(now)
+            if self.on_retry is not None:
+                self.on_retry(self, list(self.members))
         route = None
         if self.sticky_cookie:
             route = split_route(route_from_url(url, self.sticky_param,
@@ -123,7 +175,7 @@ class Balancer:
             if member is not None:
                 self._sticky_bookkeeping(member)
                 return self._elect(Choice(member, member.route != route, route))
-            if self.config.nofailover and any(m.route == route for m in self.members):
+            if self.nofailover and any(m.route == route for m in self.members):
                 return Choice(None, False, route)
         member = self._best(now, exclude)
         return self._elect(Choice(member, bool(self.sticky_cookie), route))
@@ -160,8 +212,8 @@ class Balancer:
                     m.try_retry(now)
                 if m.usable():
                     return m
-                if m.config.redirect and depth < len(self.members):
-                    target = self._by_route(m.config.redirect, now, exclude, depth + 1)
+                if m.redirect and depth < len(self.members):
+                    target = self._by_route(m.redirect, now, exclude, depth + 1)
                     if target is not None:
                         return target
         return None
@@ -180,7 +232,7 @@ class Balancer:
         for lbset in range(self.max_lbset + 1):
             best, spares, standbys, unusable = None, [], [], 0
             for m in self.members:
-                if m.config.lbset != lbset or m in exclude:
+                if m.lbset != lbset or m in exclude:
                     continue
                 if m.draining:               # N: only its own sticky requests
                     if not (m.spare or m.standby):

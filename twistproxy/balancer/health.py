@@ -14,6 +14,8 @@ from twisted.internet import task
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 
+from ..runtime.state import Edit
+
 log = Logger(namespace="twistproxy.health")
 
 
@@ -62,11 +64,12 @@ class _ProbeFactory(ClientFactory):
 
 
 class HealthCheck:
-    def __init__(self, reactor, balancer_name: str, member, pool):
+    def __init__(self, reactor, runtime, member):
         self.reactor = reactor
-        self.balancer_name = balancer_name
+        self.runtime = runtime           # runtime.Runtime: C and E change through it
+        self.balancer_name = member.balancer
         self.member = member
-        self.pool = pool
+        self.pool = member.pool
         self.fails = 0
         self.passes = 0
         self.in_flight = False
@@ -143,6 +146,10 @@ class HealthCheck:
     def record(self, ok: bool, detail: str) -> None:
         """The state machine of reference §4, apart from the I/O so it can be tested."""
         m, cfg = self.member, self.member.config
+        if ok:
+            m.hc_passed += 1
+        else:
+            m.hc_failed += 1
         down = "C" in m.flags or "E" in m.flags
         if not down:
             if ok:
@@ -151,7 +158,7 @@ class HealthCheck:
                 self.fails += 1
                 if self.fails >= cfg.hcfails:
                     self.fails = 0
-                    m.flags.add("C")
+                    self._set(detail, C=True)
                     log.warn("balancer://{b}: member {m} failed its health check ({d}): "
                              "taken out", b=self.balancer_name, m=m.name, d=detail)
         elif not ok:
@@ -160,7 +167,11 @@ class HealthCheck:
             self.passes += 1
             if self.passes >= cfg.hcpasses:
                 self.passes = 0
-                m.flags.discard("C")
-                m.flags.discard("E")
+                self._set(detail, C=False, E=False)
                 log.info("balancer://{b}: member {m} passed its health check: back in",
                          b=self.balancer_name, m=m.name)
+
+    def _set(self, detail: str, **flags: bool) -> None:
+        self.runtime.apply([Edit(self.balancer_name, f"status.{f}", on, member=self.member.name)
+                            for f, on in flags.items()], source="health", who=detail,
+                           now=self.reactor.seconds())

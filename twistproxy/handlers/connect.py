@@ -36,7 +36,7 @@ class ForwardGate:
         self.access = ForwardAccess(vhost, where, ctx.config.path)
         # forwarded requests: Host is the target's; no X-Forwarded-* (Apache adds those
         # to reverse requests only); the vhost's header actions and Via still apply
-        from ..proxy import RouteRuntime
+        from ..runtime import RouteRuntime
         forward_vhost = dataclasses.replace(vhost, preserve_host=True, add_headers=False)
         self.runtime = RouteRuntime(ctx, forward_vhost,
                                     RouteConfig(path="/", where=f"{where} (forward proxy)"),

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import alsoProvides
 
 from .. import headers as H
+from ..balancer.attempt import cause_kind
 from ..pool import still_open
 from ..routing import split_host
 from .tunnel import Tunnel
@@ -73,20 +74,20 @@ class ReverseExchange:
     __slots__ = ("ctx", "conn", "req", "rt", "target", "pool", "backend_name", "member",
                  "bconn", "head", "early", "body_chunked", "body_sent", "body_done",
                  "response_started", "done", "last_activity", "timeout", "retried",
-                 "received", "choice", "expect_continue", "replay", "holding", "pin",
-                 "reused", "lb", "member_failed", "sni", "upgrade", "idempotent")
+                 "received", "expect_continue", "replay", "holding", "pin",
+                 "reused", "attempt", "member_failed", "sni", "upgrade", "idempotent")
 
     def __init__(self, ctx, conn, req, rt, target: bytes, pool, backend_name: str,
-                 member=None, choice=None, lb=None):
+                 attempt=None):
         self.ctx = ctx
         self.conn = conn
         self.req = req
-        self.rt = rt                      # the route's runtime (proxy.RouteRuntime)
+        self.rt = rt                      # the route's runtime (runtime.RouteRuntime)
         self.target = target
         self.pool = pool
         self.backend_name = backend_name
-        self.member = member
-        self.choice = choice
+        self.attempt = attempt            # balancer.attempt.Attempt, for a balancer route
+        self.member = attempt.member if attempt is not None else None   # busy while set
         self.bconn = None
         self.early = None                 # body received while no connection takes it
         self.body_chunked = False
@@ -104,7 +105,6 @@ class ReverseExchange:
         self.holding = False              # body held back until the backend says 100
         self.pin = False
         self.reused = False
-        self.lb = lb                      # proxy.Balanced, for a balancer route
         self.member_failed = False        # failonstatus / failontimeout matched
         self.sni = None
         self.upgrade = b""                # the protocol asked for, when this worker allows it
@@ -200,7 +200,7 @@ class ReverseExchange:
             self.client_gone()
             self.conn.abort_response(self.req)
         else:
-            if self.lb is not None and self.lb.balancer.config.failontimeout:
+            if self.attempt is not None and self.attempt.balancer.config.failontimeout:
                 self.member_failed = True
             self._fail(504, f"no answer within {self.timeout:g}s")
 
@@ -261,26 +261,20 @@ class ReverseExchange:
         it never reached a connection (`written` false: the connect failed), else
         only an idempotent one. With `member_error` the failed member goes into error
         state for `retry` seconds (unreachable, or silent to the ping)."""
-        lb, member = self.lb, self.member
-        if lb is None or member is None or self.response_started or \
+        attempt, member = self.attempt, self.member
+        if attempt is None or member is None or self.response_started or \
                 (written and not self.idempotent) or not self._rewind():
             return False
         now = self.ctx.reactor.seconds()
         self._member_done(ok=not member_error, why=why)
-        if len(lb.tried) > lb.max_attempts:
-            return False
-        choice = lb.balancer.choose(lb.url, lb.cookie, now, exclude=tuple(lb.tried))
-        nxt = choice.member
+        nxt = attempt.next(now, why)
         if nxt is None:
             return False
-        lb.tried.append(nxt)
-        log.warn("{where}: balancer://{name}: member {failed}: {why}: failing over to {nxt}",
-                 where=self.rt.where, name=lb.balancer.name, failed=member.name, why=why,
-                 nxt=nxt.name)
-        self.member, self.choice = nxt, choice
-        self.pool = self.rt.member_pools[id(nxt)]
+        self.rt.counters.failovers += 1
+        self.member = nxt
+        self.pool = nxt.pool
         self.timeout = self.pool.timeout
-        self.target = lb.member_target(nxt)
+        self.target = attempt.member_target(nxt)
         self.backend_name = self.req.backend = nxt.log_name
         self.head = self._build_head()
         self.retried = False
@@ -301,6 +295,7 @@ class ReverseExchange:
 
     def _send_body(self, data: bytes) -> None:
         self.body_sent += len(data)
+        self.rt.counters.bytes_in += len(data)
         replay = self.replay
         if replay is not None:
             if self.body_sent <= REPLAY_LIMIT:
@@ -353,7 +348,7 @@ class ReverseExchange:
         rt, conn = self.rt, self.conn
         out = H.response_to_client(headers, via=rt.vhost.proxy_via, via_name=rt.via_name,
                                    backend_version=b"1.1", keep_upgrade=True)
-        if self.choice is not None and self.choice.route_changed:
+        if self.attempt is not None and self.attempt.choice.route_changed:
             cookie = rt.sticky_cookie_header(self.member)      # sticky from the handshake
             if cookie is not None:
                 out.append(cookie)
@@ -374,7 +369,8 @@ class ReverseExchange:
         member = self.member
         if member is not None:
             self.member = None
-            self.rt.balancer_done(member, tunnel.up, tunnel.down, True)
+            self.attempt.done(member, tunnel.up, tunnel.down, True,
+                              self.ctx.reactor.seconds(), status=101)
 
     def backend_full(self) -> None:
         self.conn.pause_reading()
@@ -414,7 +410,7 @@ class ReverseExchange:
             self.conn.resume_reading()   # the rest of the body is read and dropped
         self.last_activity = self.ctx.reactor.seconds()
         req, rt = self.req, self.rt
-        if self.lb is not None and status in self.lb.balancer.config.failonstatus:
+        if self.attempt is not None and status in self.attempt.balancer.config.failonstatus:
             self.member_failed = True    # relayed, then the member goes into error
         if self.bconn.offers_connection_auth:
             self.pin = True              # WWW-Authenticate: NTLM/Negotiate (any status)
@@ -424,7 +420,7 @@ class ReverseExchange:
             out = rt.reverse_map.rewrite(out, self._public_base())
         if rt.response_actions:
             out = H.apply_actions(out, rt.response_actions)
-        if self.choice is not None and self.choice.route_changed:
+        if self.attempt is not None and self.attempt.choice.route_changed:
             cookie = rt.sticky_cookie_header(self.member)
             if cookie is not None:
                 out.append(cookie)
@@ -446,7 +442,8 @@ class ReverseExchange:
         self.bconn = None
         if not self.body_done:
             bconn.reusable = False      # the backend did not take the whole body
-        self._member_done(ok=not self.member_failed, why="failonstatus matched")
+        self._member_done(ok=not self.member_failed, why="failonstatus matched",
+                          status=self.req.status)
         outage = self.pool.outage
         if outage.failing:
             outage.succeeded()
@@ -510,6 +507,9 @@ class ReverseExchange:
                 not self.idempotent or not self._rewind():
             return False
         self.retried = True
+        self.rt.counters.retries += 1
+        if self.member is not None:
+            self.member.retries += 1
         log.debug("{where}: backend {backend}: {why} on a kept-alive connection: "
                   "sending again on a new one", where=self.rt.where,
                   backend=self.backend_name, why=why)
@@ -547,10 +547,14 @@ class ReverseExchange:
         if self.bconn is not None:
             self.bconn.close()
             self.bconn = None
-        lb = self.lb
+        attempt = self.attempt
+        kind = cause_kind(why)
+        self.rt.counters.count_error(kind)
+        if self.member is not None:
+            self.member.count_error(kind)
         self._member_done(ok=not (status == 503 or self.member_failed or (
-            lb is not None and status in lb.balancer.config.failonstatus)),
-            why=f"{why} -> {status}")
+            attempt is not None and status in attempt.balancer.config.failonstatus)),
+            why=f"{why} -> {status}", status=status)
         self.conn.resume_reading()       # start() paused it until a backend took the body
         # the error log tells the worker's outage, not each request (outages.py)
         self.pool.outage.failed(self.rt.where, self.backend_name, why, status)
@@ -560,16 +564,13 @@ class ReverseExchange:
             self.req.exchange = None
             self.conn.respond_error(self.req, status)
 
-    def _member_done(self, ok: bool, why: str = "") -> None:
+    def _member_done(self, ok: bool, why: str = "", status: int = 0) -> None:
         member = self.member
         if member is None:
             return
         self.member = None
-        self.rt.balancer_done(member, self.body_sent, self.received, ok)
-        if not ok and "E" in member.flags:
-            log.warn("{where}: balancer://{name}: member {m} in error state for {r:g}s: "
-                     "{why}", where=self.rt.where, name=self.rt.balancer.name, m=member.name,
-                     r=member.config.worker.retry, why=why or "failed")
+        self.attempt.done(member, self.body_sent, self.received, ok,
+                          self.ctx.reactor.seconds(), why, status)
 
     def _sni(self) -> str | None:
         """With preserve_host, a TLS backend is asked for the client's host name (SNI),
