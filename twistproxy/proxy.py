@@ -22,7 +22,7 @@ from .outages import Outage, summary_interval
 from .pool import Pool
 from .runtime import ListenerCounters, RouteRuntime, Runtime
 from .tls import client_options_for
-from .workers import Workers, longest
+from .workers import Workers
 from .routing import Router, has_encoded_slash, normalize_path, split_host
 from .wire.messages import HttpDate
 

@@ -18,7 +18,7 @@ from .counters import RouteCounters
 class RouteRuntime:
     """A route with everything the request path needs, resolved at start-up."""
 
-    def __init__(self, ctx: "ProxyContext", vhost: VhostConfig, route: RouteConfig,
+    def __init__(self, ctx, vhost: VhostConfig, route: RouteConfig,
                  reverse_entries: list):
         self.vhost = vhost
         self.route = route
