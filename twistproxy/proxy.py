@@ -289,15 +289,17 @@ class ProxyContext:
         """Once per request: its access-log line, and the counters of its route and
         listener (plain adds; readers compute rates)."""
         status, sent = req.status, req.sent
+        cls = status // 100 if status < 600 else 0
         rt = req.route
         if rt is not None:
             c = rt.counters
             c.requests += 1
-            c.responses[status // 100 if status < 600 else 0] += 1
+            c.responses[cls] += 1
             c.bytes_out += sent
         lc = self.listeners.get(conn.listen_key)
         if lc is not None:
             lc.requests += 1
+            lc.responses[cls] += 1
             lc.bytes_out += sent
         if self.access_log is None:
             return

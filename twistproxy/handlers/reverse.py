@@ -266,6 +266,7 @@ class ReverseExchange:
                 (written and not self.idempotent) or not self._rewind():
             return False
         now = self.ctx.reactor.seconds()
+        member.count_error(cause_kind(why))  # each failed attempt (the route: per request)
         self._member_done(ok=not member_error, why=why)
         nxt = attempt.next(now, why)
         if nxt is None:

@@ -13,7 +13,9 @@ import re
 from collections import deque
 
 import httptools
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from OpenSSL.SSL import Error as TLSError
+from twisted.internet.interfaces import (IHalfCloseableProtocol, IHandshakeListener,
+                                         IPushProducer)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -132,7 +134,7 @@ class _ResponseFlow:
         pass
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class ClientConnection(Protocol):
     """Server side of one client connection. `ctx` supplies dispatch, limits, clock."""
 
@@ -165,6 +167,7 @@ class ClientConnection(Protocol):
         self._corked: list | None = None
         self._write = None
         self.requests_served = 0
+        self.tls_pending = scheme == b"https"   # until the TLS handshake completes
 
     # -- connection life -------------------------------------------------------
 
@@ -200,7 +203,18 @@ class ClientConnection(Protocol):
         pinned, self.pinned = self.pinned, {}
         for bconn in pinned.values():
             bconn.close()
+        if self.tls_pending and reason is not None and reason.check(TLSError):
+            lc = self.ctx.listeners.get(self.listen_key)
+            if lc is not None:
+                lc.tls_failures += 1         # the handshake failed: a TLS error first
         self.ctx.connection_closed(self)
+
+    def handshakeCompleted(self):
+        """TLSMemoryBIOProtocol's call (IHandshakeListener), once per TLS connection."""
+        self.tls_pending = False
+        lc = self.ctx.listeners.get(self.listen_key)
+        if lc is not None:
+            lc.tls_handshakes += 1
 
     # -- writing ------------------------------------------------------------------------
     # While a backend's read is being relayed the connection is "corked": what the
