@@ -1,0 +1,1 @@
+"""The admin listener's resources: server-status, metrics, balancer-manager."""
