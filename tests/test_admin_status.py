@@ -20,7 +20,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twistproxy.admin.metrics import Metrics
-from twistproxy.admin.status import ServerStatus, member_status, size_text, uptime_words
+from twistproxy.admin.status import (Reading, ServerStatus, member_status, number,
+                                     size_text, uptime_words)
 from twistproxy.balancer.group import parse_status
 from twistproxy.config import loads
 from twistproxy.echo import EchoFactory
@@ -337,7 +338,12 @@ def test_a_request_under_way_is_busy_on_its_route_and_listener(lab):
     assert got[m("twistproxy_backend_current_sessions", route="vhost[0].route[0]")] == 0
     assert got[m("twistproxy_frontend_current_sessions", listener=lab.key)] == 1
     assert names["BusyWorkers"] == "1" and names["IdleWorkers"] == "0"
-    assert names["Scoreboard"] == "W"
+    assert names["Scoreboard"] == "W" and names["GracefulWorkers"] == "0"
+    lab.ctx.stopping = True                 # what ProxyService.stopService sets first
+    _, names = yield auto(lab)
+    lab.ctx.stopping = False
+    assert names["Stopping"] == "1"
+    assert names["BusyWorkers"] == "0" and names["GracefulWorkers"] == "1"
     held.answer()
     status, body = yield pending
     assert status == 200 and body == b"ok"
@@ -454,6 +460,42 @@ def test_every_metric_is_named_for_its_scope(lab):
 
 # -- Apache's formats, as Apache 2.4.71 writes them ------------------------------------------------
 
+# the keys of Apache 2.4.71's ?auto (event MPM, ExtendedStatus On, ProxyStatus On, one
+# balancer of two members), in its order
+APACHE_AUTO_KEYS = (
+    'ServerVersion', 'ServerMPM', 'Server Built', 'CurrentTime', 'RestartTime',
+    'ParentServerConfigGeneration', 'ParentServerMPMGeneration', 'ServerUptimeSeconds',
+    'ServerUptime', 'Load1', 'Load5', 'Load15', 'Total Accesses', 'Total kBytes',
+    'Total Duration', 'CPUUser', 'CPUSystem', 'CPUChildrenUser', 'CPUChildrenSystem',
+    'Uptime', 'ReqPerSec', 'BytesPerSec', 'BytesPerReq', 'DurationPerReq', 'BusyWorkers',
+    'GracefulWorkers', 'IdleWorkers', 'Processes', 'Stopping', 'ConnsTotal',
+    'ConnsAsyncWaitIO', 'ConnsAsyncWriting', 'ConnsAsyncKeepAlive', 'ConnsAsyncClosing',
+    'Scoreboard', 'ProxyBalancer[0]Name', 'ProxyBalancer[0]Worker[0]Name',
+    'ProxyBalancer[0]Worker[0]Status', 'ProxyBalancer[0]Worker[0]Elected',
+    'ProxyBalancer[0]Worker[0]Busy', 'ProxyBalancer[0]Worker[0]Sent',
+    'ProxyBalancer[0]Worker[0]Rcvd', 'ProxyBalancer[0]Worker[1]Name',
+    'ProxyBalancer[0]Worker[1]Status', 'ProxyBalancer[0]Worker[1]Elected',
+    'ProxyBalancer[0]Worker[1]Busy', 'ProxyBalancer[0]Worker[1]Sent',
+    'ProxyBalancer[0]Worker[1]Rcvd',
+)
+# what twistproxy does not have: a build date, request durations (they would cost the
+# request path a clock read), the event MPM's wait-for-I/O state
+NOT_KEPT = {"Server Built", "Total Duration", "DurationPerReq", "ConnsAsyncWaitIO"}
+
+
+@pytest_twisted.inlineCallbacks
+def test_auto_has_apaches_keys_in_apaches_order(lab):
+    c = Client(lab.proxy)
+    yield c.get("/farm/")                # BytesPerReq is shown once there was a request
+    c.close()
+    apache = [k for k in APACHE_AUTO_KEYS if k not in NOT_KEPT]
+    text = Reading(lab.ctx, lab.started - 10).auto("h")   # up 10s: the rates are shown
+    ours = [line.partition(":")[0] for line in text.splitlines()[1:]]
+    ours = [k for k in ours if k != "CPULoad"]   # Apache shows it when CPU time was used
+    assert [k for k in ours if k in apache] == apache
+    extra = set(ours) - set(apache)
+    assert all(k.startswith("ProxyBalancer[1]") for k in extra), extra
+
 @pytest.mark.parametrize("status, text", [
     ("", "Init Ok "),
     ("+H", "Init Stby Ok "),
@@ -487,3 +529,6 @@ def test_uptime_and_sizes_read_as_apaches():
     assert uptime_words(7320) == "2 hours 2 minutes"
     assert [size_text(n) for n in (0, 615, 1229, 1536, 3072, 12 * 1024 * 1024)] == \
         ["  0 ", "615 ", "1.2K", "1.5K", "3.0K", " 12M"]
+    # APR's %g: no leading zero (Apache 2.4.71 wrote "DurationPerReq: .666667")
+    assert [number(x) for x in (2 / 3, 11, 651.636363, 0, 7168.0)] == \
+        [".666667", "11", "651.636", "0", "7168"]

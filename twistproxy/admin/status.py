@@ -33,6 +33,12 @@ def member_status(member) -> str:
     return " ".join(words) + " "
 
 
+def number(x: float) -> str:
+    """A float as mod_status writes one (APR's %g): 11, 651.636, .666667."""
+    s = f"{x:g}"
+    return s[1:] if s.startswith("0.") else s
+
+
 def http_time(t: float) -> str:
     """mod_status's time format, in UTC: Tuesday, 01-Dec-2026 19:49:03 UTC."""
     g = time.gmtime(t)
@@ -101,21 +107,25 @@ class Reading:
         cpu = t.user + t.system + t.children_user + t.children_system
         lines += [f"Total Accesses: {self.accesses}",
                   f"Total kBytes: {self.bytes // 1024}",
-                  f"CPUUser: {t.user:g}", f"CPUSystem: {t.system:g}",
-                  f"CPUChildrenUser: {t.children_user:g}",
-                  f"CPUChildrenSystem: {t.children_system:g}"]
+                  f"CPUUser: {number(t.user)}", f"CPUSystem: {number(t.system)}",
+                  f"CPUChildrenUser: {number(t.children_user)}",
+                  f"CPUChildrenSystem: {number(t.children_system)}"]
         if self.uptime:
-            lines.append(f"CPULoad: {cpu / self.uptime * 100:g}")
+            lines.append(f"CPULoad: {number(cpu / self.uptime * 100)}")
         lines.append(f"Uptime: {self.uptime}")
         if self.uptime:
-            lines += [f"ReqPerSec: {self.accesses / self.uptime:g}",
-                      f"BytesPerSec: {self.bytes / self.uptime:g}"]
+            lines += [f"ReqPerSec: {number(self.accesses / self.uptime)}",
+                      f"BytesPerSec: {number(self.bytes / self.uptime)}"]
         if self.accesses:
-            lines.append(f"BytesPerReq: {self.bytes / self.accesses:g}")
-        lines += [f"BusyWorkers: {c.busy}",
+            lines.append(f"BytesPerReq: {number(self.bytes / self.accesses)}")
+        # a "worker" is a client connection: no thread pool stands behind them. While
+        # the proxy stops, those still answering are Apache's graceful ones.
+        stopping = self.ctx.stopping
+        lines += [f"BusyWorkers: {0 if stopping else c.busy}",
+                  f"GracefulWorkers: {c.busy if stopping else 0}",
                   f"IdleWorkers: {c.waiting}",
                   "Processes: 1",
-                  f"Stopping: {1 if self.ctx.stopping else 0}",
+                  f"Stopping: {1 if stopping else 0}",
                   f"ConnsTotal: {len(self.ctx.connections)}",
                   f"ConnsAsyncWriting: {c.writing}",
                   f"ConnsAsyncKeepAlive: {c.waiting}",
