@@ -16,7 +16,7 @@ from .sticky import route_from_cookie, route_from_url, split_route
 _UNUSABLE = frozenset("DSEC")      # disabled, stopped, in error, hcheck failed
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)     # slots: read on every choice, and 30+ fields
 class Member:
     """A member's live state: admin settings (copied from its config, then changed
     only through runtime.Runtime), health and error state, and counters kept with
