@@ -338,6 +338,19 @@ class HTTPClient(Stream):
         return self.wait_close(timeout)[0]
 
 
+def message(*lines: str, body: bytes = b"") -> bytes:
+    """A message head written line by line (CRLFs and the blank line added), then `body`."""
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def ask(port: int, data: bytes, method: str = "GET", timeout: float = 10.0) -> Response:
+    """Send raw bytes on a new connection; the first response (the connection is then
+    closed by us, whatever the proxy would do)."""
+    with HTTPClient(port, timeout=timeout) as c:
+        c.sendall(data)
+        return c.response(method)
+
+
 def exchange(port: int, data: bytes, method: str = "GET", wait: float = 5.0
              ) -> tuple[Response, bool, bytes]:
     """Send raw bytes on a new connection; return the response, whether the proxy then
