@@ -337,6 +337,12 @@ class HTTPClient(Stream):
     def closed_by_proxy(self, timeout: float = 3.0) -> bool:
         return self.wait_close(timeout)[0]
 
+    def closes(self, timeout: float = 10.0) -> bool:
+        """Whether the proxy closes the connection (within `timeout`) without sending
+        anything more."""
+        closed, extra = self.wait_close(timeout)
+        return closed and not extra
+
 
 def message(*lines: str, body: bytes = b"") -> bytes:
     """A message head written line by line (CRLFs and the blank line added), then `body`."""
