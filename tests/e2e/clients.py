@@ -337,6 +337,25 @@ class HTTPClient(Stream):
     def closed_by_proxy(self, timeout: float = 3.0) -> bool:
         return self.wait_close(timeout)[0]
 
+    def closes(self, timeout: float = 10.0) -> bool:
+        """Whether the proxy closes the connection (within `timeout`) without sending
+        anything more."""
+        closed, extra = self.wait_close(timeout)
+        return closed and not extra
+
+
+def message(*lines: str, body: bytes = b"") -> bytes:
+    """A message head written line by line (CRLFs and the blank line added), then `body`."""
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def ask(port: int, data: bytes, method: str = "GET", timeout: float = 10.0) -> Response:
+    """Send raw bytes on a new connection; the first response (the connection is then
+    closed by us, whatever the proxy would do)."""
+    with HTTPClient(port, timeout=timeout) as c:
+        c.sendall(data)
+        return c.response(method)
+
 
 def exchange(port: int, data: bytes, method: str = "GET", wait: float = 5.0
              ) -> tuple[Response, bool, bytes]:

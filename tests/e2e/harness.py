@@ -443,6 +443,12 @@ class Lab:
         """`config`: the TOML text or a function of the ports (see Proxy)."""
         return self.add(Proxy(config, self.tmp, name=name))
 
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         proxies = []
         for t in reversed(self.things):

@@ -294,24 +294,15 @@ def cut_get(port: int, target: str, tok: str) -> tuple[bytes, bool]:
         return got + rest, closed
 
 
-def error_lines(proxy: Proxy, marker: str) -> list[str]:
-    return [ln for ln in proxy.log().splitlines() if marker in ln and "-> 50" in ln]
-
-
 def access_line(proxy: Proxy, marker: str) -> str:
-    proxy.wait_for_access(marker)
-    (line,) = [ln for ln in proxy.access_log().splitlines() if marker in ln]
+    """The one access-log line holding `marker`, once it is there."""
+    (line,) = proxy.wait_for_access_lines(1, marker)
     return line
 
 
-def wait_error_line(proxy: Proxy, marker: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = error_lines(proxy, marker)
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no error line for {marker!r}:\n{proxy.log()[-3000:]}")
+def wait_error_line(proxy: Proxy, marker: str) -> str:
+    """The log line saying why a request holding `marker` got a 50x."""
+    return proxy.wait_for_line(marker, "-> 50")
 
 
 # ---------------------------------------------------------------------------------------

@@ -191,6 +191,37 @@ def test_balancer_kept_alive_connection_closed_unanswered(lab, method, body, sta
                     if x.target.startswith("/after")}) == 2, "a member was left out"
 
 
+def dies_when(state: dict):
+    """Serves while state["dead"] is false; then closes every request unanswered, on
+    its kept-alive connections and on new ones alike (a member going down)."""
+    def behaviour(w: Wire):
+        while True:
+            req = w.request()
+            if req is None or state["dead"]:
+                return
+            w.reply(req)
+    return behaviour
+
+
+@pytest.mark.parametrize("method,body,status,times", [
+    ("GET", None, 502, 4), ("POST", None, 502, 1), ("PATCH", None, 502, 1)])
+def test_balancer_of_two_going_down_sees_a_post_once_not_four_times(
+        lab, method, body, status, times):
+    """Both members go down with kept-alive connections in the pool: a GET may try
+    each member's kept-alive connection and a new one (four sends, all answered by a
+    close); a POST reaches the first member once and nothing else."""
+    state = {"dead": False}
+    m1, m2 = lab.backend(dies_when(state)), lab.backend(dies_when(state))
+    p = lab.proxy(route("/", "balancer://farm/"), extra=farm(m1.url, m2.url))
+    c = HTTPClient(p.port)
+    assert c.get("/warm-1").status == 200 and c.get("/warm-2").status == 200
+    state["dead"] = True
+    r = send(c, 1, method, body)
+    assert (r.status, seen([m1, m2], 1)) == (status, times), \
+        f"{method}: {seen([m1, m2], 1)} times, {r.status}"
+    assert "in error state" not in p.log(), "closed connections put a member in error"
+
+
 @pytest.mark.parametrize("method,body,status,times", [
     ("GET", None, 200, 2), ("HEAD", None, 200, 2), ("POST", None, 502, 1),
     ("POST", b"a=1", 502, 1), ("PATCH", b"op=1", 502, 1)])

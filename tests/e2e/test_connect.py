@@ -33,8 +33,8 @@ import bcrypt
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from clients import PKI
-from harness import Echo, Proxy, RawBackend, WsEcho, free_port
+from clients import PKI, HTTPClient, ask, request_bytes
+from harness import Lab, RawBackend, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -62,66 +62,9 @@ HAVE_IPV6 = _has_ipv6()
 # raw HTTP on sockets
 
 
-class Conn:
-    """A client socket with a read buffer: heads, bodies, tunnel bytes."""
-
-    def __init__(self, port: int, timeout: float = 10.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            return False
-        self.buf += chunk
-        return True
-
-    def response(self, bodyless: bool = False):
-        """(status, headers as [(lower name, value)], body) of the next response."""
-        while b"\r\n\r\n" not in self.buf:
-            if not self._fill():
-                raise AssertionError(f"connection closed before a response head: {self.buf!r}")
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name.strip().lower(), value.strip()))
-        length = next((int(v) for n, v in headers if n == "content-length"), None)
-        body = b""
-        if not bodyless and length:
-            while len(self.buf) < length:
-                if not self._fill():
-                    break
-            body, self.buf = self.buf[:length], self.buf[length:]
-        return status, headers, body
-
-    def read_exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not self._fill():
-                break
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def read_to_eof(self) -> bytes:
-        while self._fill():
-            pass
-        out, self.buf = self.buf, b""
-        return out
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
 def header(headers, name: str):
-    return next((v for n, v in headers if n == name.lower()), None)
+    """The first value of `name` in [(name, value)], or None."""
+    return next((v for n, v in headers if n.lower() == name.lower()), None)
 
 
 def basic(user: str, password: str) -> str:
@@ -136,16 +79,13 @@ def connect_request(target: str, headers: dict | None = None) -> bytes:
 
 def tunnel(port: int, target: str, headers: dict | None = None, early: bytes = b"",
            timeout: float = 10.0):
-    """CONNECT through the proxy on `port`: (Conn, status, headers, body). On 200 the
-    Conn is the tunnel (its buffer holds any tunnelled bytes that came with the head)."""
-    c = Conn(port, timeout)
+    """CONNECT through the proxy on `port`: (HTTPClient, status, headers, body). On 200
+    the client is the tunnel (its buffer holds any tunnelled bytes that came with the
+    head)."""
+    c = HTTPClient(port, timeout)
     c.send(connect_request(target, headers) + early)
-    status, hdrs, body = c.response(bodyless=True)
-    if status != 200:
-        length = header(hdrs, "content-length")
-        if length:
-            body = c.read_exactly(int(length))
-    return c, status, hdrs, body
+    r = c.response("CONNECT")
+    return c, r.status, r.headers, r.body
 
 
 def connect_status(port: int, target: str, headers: dict | None = None):
@@ -158,14 +98,9 @@ def forward_get(port: int, url: str, headers: dict | None = None, host: str | No
     """An absolute-form GET through the proxy: (status, headers, body)."""
     if host is None:
         host = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
-    lines = [f"GET {url} HTTP/1.1", f"Host: {host}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    c = Conn(port)
-    try:
-        c.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        return c.response()
-    finally:
-        c.close()
+    r = ask(port, request_bytes("GET", url, {**(headers or {}), "Connection": "close"},
+                                host=host))
+    return r.status, r.headers, r.body
 
 
 def seen_headers(echo_json: dict) -> dict:
@@ -338,7 +273,7 @@ class Blackhole:
 
 
 class Env:
-    pass
+    """What the module's tests use, by name (started by the fixture's Lab)."""
 
 
 LISTENERS = ("open", "ports", "nets", "deny", "allow", "auth", "off")
@@ -450,49 +385,38 @@ def write_htpasswd(path: Path) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("connect")
-    e = Env()
-    started = []
-    try:
+    with Lab(d) as lab:
+        e = Env()
         e.dir = d
         e.pki = PKI(d).leaf("site", "localhost", "127.0.0.1")
         e.ca = e.pki.ca
         write_htpasswd(d / "htpasswd")
 
-        e.origin = Echo("origin"); started.append(e.origin)
-        e.own = Echo("own"); started.append(e.own)
-        e.site_echo = Echo("site"); started.append(e.site_echo)
-        e.ws = WsEcho(); started.append(e.ws)
-        e.target = RawBackend(echo_until_eof); started.append(e.target)
-        e.sentinel = RawBackend(lambda conn: None); started.append(e.sentinel)
+        e.origin, e.own, e.site_echo = lab.echos("origin", "own", "site")
+        e.ws = lab.wsecho()
+        e.target = lab.raw(echo_until_eof)
+        e.sentinel = lab.raw(lambda conn: None)
 
-        e.tls_port = free_port()
-        e.site = Proxy(SITE_CONFIG.format(port=e.tls_port, echo=e.site_echo.url), d,
-                       name="site.toml")
-        started.append(e.site)
+        e.site = lab.proxy(lambda ports: SITE_CONFIG.format(port=ports[0], echo=e.site_echo.url),
+                           name="site.toml")
+        e.tls_port = e.site.port
 
-        e.port = {name: free_port() for name in LISTENERS}
-        listens = "\n".join(f'[[listen]]\naddress = "127.0.0.1"\nport = {p}\n'
-                            for p in e.port.values())
-        e.proxy = Proxy(PROXY_CONFIG.format(listens=listens, own=e.own.url, realm=REALM,
-                                            **e.port), d, name="proxy.toml")
-        started.append(e.proxy)
+        def proxy_config(ports):
+            e.port = {name: ports[name] for name in LISTENERS}
+            listens = "\n".join(f'[[listen]]\naddress = "127.0.0.1"\nport = {p}\n'
+                                for p in e.port.values())
+            return PROXY_CONFIG.format(listens=listens, own=e.own.url, realm=REALM, **e.port)
+        e.proxy = lab.proxy(proxy_config, name="proxy.toml")
         yield e
-    finally:
-        for s in reversed(started):
-            s.stop()
 
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory):
-    d = tmp_path_factory.mktemp("connect-slow")
-    port = free_port()
-    proxy = Proxy(SLOW_CONFIG.format(port=port), d, name="slow.toml")
-    proxy.port = port
-    yield proxy
-    proxy.stop()
+    with Lab(tmp_path_factory.mktemp("connect-slow")) as lab:
+        yield lab.proxy(lambda ports: SLOW_CONFIG.format(port=ports[0]), name="slow.toml")
 
 
-def assert_tunnel_echoes(c: Conn, payload: bytes = ALL_BYTES) -> None:
+def assert_tunnel_echoes(c: HTTPClient, payload: bytes = ALL_BYTES) -> None:
     """Over a tunnel to echo_until_eof: payload comes back, then b"bye" after our FIN."""
     c.send(payload)
     c.sock.shutdown(socket.SHUT_WR)
@@ -577,13 +501,13 @@ def test_early_bytes_and_fin_before_the_200(env):
     # made to arrive before the 200 for sure by a credential check that takes a while
     # (bcrypt, for a header value not seen before); without one it is a race.
     token = basic("alice", USERS["alice"]).split(" ", 1)[1]
-    c = Conn(env.port["auth"])
+    c = HTTPClient(env.port["auth"])
     try:
         c.send(connect_request(f"127.0.0.1:{env.target.port}",
                                {"Proxy-Authorization": "bASIC " + token})
                + b"early" + ALL_BYTES)
         c.sock.shutdown(socket.SHUT_WR)
-        status, _, _ = c.response(bodyless=True)
+        status = c.response("CONNECT").status
         assert status == 200
         assert c.read_to_eof() == b"early" + ALL_BYTES + b"bye"
     finally:
@@ -594,12 +518,12 @@ def test_connect_with_a_content_length(env):
     # a CONNECT has no content (RFC 9110 9.3.6): refused with 400, or what follows the
     # head is tunnel data; never an internal error, never a hang
     log_before = len(env.proxy.log())
-    c = Conn(env.port["open"], timeout=5)
+    c = HTTPClient(env.port["open"], timeout=5)
     try:
         c.send(f"CONNECT 127.0.0.1:{env.target.port} HTTP/1.1\r\n"
                f"Host: 127.0.0.1:{env.target.port}\r\nContent-Length: 3\r\n\r\nabc"
                .encode())
-        status, _, _ = c.response(bodyless=True)
+        status = c.response("CONNECT").status
         assert status in (200, 400)
         if status == 200:
             c.sock.shutdown(socket.SHUT_WR)
@@ -813,7 +737,7 @@ def test_idle_tunnel_is_closed_after_tunnel_timeout(env, slow):
     try:
         assert status == 200
         c.send(b"ping")
-        assert c.read_exactly(4) == b"ping"
+        assert c.exact(4) == b"ping"
         started = time.monotonic()
         c.sock.settimeout(8)
         assert c.sock.recv(1) == b""                  # closed by the proxy
@@ -950,16 +874,16 @@ def test_connect_with_right_credentials(env, user):
 def test_connect_retried_with_credentials_on_the_same_connection(env):
     # what curl does after a 407: the same connection, a new CONNECT with credentials
     target = f"127.0.0.1:{env.target.port}"
-    c = Conn(env.port["auth"])
+    c = HTTPClient(env.port["auth"])
     try:
         c.send(connect_request(target, {"Proxy-Authorization": basic("alice", "nope")}))
-        status, hdrs, _ = c.response()
-        assert_challenge(status, hdrs)
-        if header(hdrs, "connection") == "close":
+        r = c.response("CONNECT")
+        assert_challenge(r.status, r.headers)
+        if r.header("Connection") == "close":
             pytest.fail("the connection was closed after a 407")
         c.send(connect_request(target, {"Proxy-Authorization":
                                         basic("alice", USERS["alice"])}))
-        status, _, _ = c.response(bodyless=True)
+        status = c.response("CONNECT").status
         assert status == 200
         assert_tunnel_echoes(c)
     finally:
@@ -1002,19 +926,16 @@ def test_forward_get_needs_credentials(env):
 def test_forward_post_body_survives_a_slow_credential_check(env):
     token = basic("alice", USERS["alice"]).split(" ", 1)[1]
     body = ALL_BYTES * 400
-    c = Conn(env.port["auth"])
-    try:
+    with HTTPClient(env.port["auth"]) as c:
         c.send((f"POST {env.origin.url}/upload HTTP/1.1\r\n"
                 f"Host: 127.0.0.1:{env.origin.port}\r\n"
                 f"Proxy-Authorization: BASIC {token}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
         time.sleep(0.05)                       # the body arrives while bcrypt runs
         c.send(body)
-        status, _, out = c.response()
-    finally:
-        c.close()
-    assert status == 200
-    seen = json.loads(out)
+        r = c.response()
+    assert r.status == 200
+    seen = json.loads(r.body)
     assert seen["body_length"] == len(body)
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert "proxy-authorization" not in seen_headers(seen)
@@ -1051,14 +972,14 @@ def test_refused_target_is_503(env):
 
 
 def test_connection_goes_on_after_a_failed_connect(env):
-    c = Conn(env.port["open"])
+    c = HTTPClient(env.port["open"])
     try:
         c.send(connect_request(f"127.0.0.1:{free_port()}"))
-        status, hdrs, _ = c.response()
-        assert status == 503
-        assert header(hdrs, "connection") != "close"
+        r = c.response("CONNECT")
+        assert r.status == 503
+        assert r.header("Connection") != "close"
         c.send(connect_request(f"127.0.0.1:{env.target.port}"))
-        status, _, _ = c.response(bodyless=True)
+        status = c.response("CONNECT").status
         assert status == 200
         assert_tunnel_echoes(c)
     finally:
@@ -1154,35 +1075,29 @@ def test_forward_get_by_name_keeps_the_authority_as_host(env):
 
 def test_forward_post_with_body(env):
     body = ALL_BYTES * 100
-    c = Conn(env.port["open"])
-    try:
+    with HTTPClient(env.port["open"]) as c:
         c.send((f"POST {env.origin.url}/post HTTP/1.1\r\nHost: 127.0.0.1:{env.origin.port}"
                 f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
                + body)
-        status, _, out = c.response()
-    finally:
-        c.close()
-    assert status == 200
-    seen = json.loads(out)
+        r = c.response()
+    assert r.status == 200
+    seen = json.loads(r.body)
     assert seen["method"] == "POST" and seen["target"] == "/post"
     assert seen["body_length"] == len(body)
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
 def test_forward_gets_to_two_origins_on_one_connection(env):
-    c = Conn(env.port["open"])
-    try:
+    with HTTPClient(env.port["open"]) as c:
         for echo, path in ((env.origin, "/first"), (env.own, "/second"),
                            (env.origin, "/third")):
             c.send((f"GET {echo.url}{path} HTTP/1.1\r\nHost: 127.0.0.1:{echo.port}"
                     "\r\n\r\n").encode())
-            status, _, body = c.response()
-            assert status == 200, path
-            seen = json.loads(body)
+            r = c.response()
+            assert r.status == 200, path
+            seen = json.loads(r.body)
             assert seen["server"] == echo.name, path
             assert seen["target"] == path
-    finally:
-        c.close()
 
 
 def test_forward_absolute_form_without_a_path(env):
@@ -1194,36 +1109,30 @@ def test_forward_absolute_form_without_a_path(env):
 
 @pytest.mark.parametrize("method", ["OPTIONS", "TRACE"])
 def test_forward_max_forwards_zero_is_answered_by_the_proxy(env, method):
-    c = Conn(env.port["open"])
-    try:
+    with HTTPClient(env.port["open"]) as c:
         c.send((f"{method} {env.origin.url}/mf HTTP/1.1\r\n"
                 f"Host: 127.0.0.1:{env.origin.port}\r\nMax-Forwards: 0\r\n"
                 "Connection: close\r\n\r\n").encode())
-        status, hdrs, body = c.response()
-    finally:
-        c.close()
-    assert status == 200
+        r = c.response()
+    assert r.status == 200
     # the proxy's own answer, not the origin's JSON
-    assert header(hdrs, "content-type") != "application/json", body[:200]
+    assert r.header("Content-Type") != "application/json", r.body[:200]
     if method == "TRACE":
-        assert header(hdrs, "content-type") == "message/http"
-        assert body.startswith(f"TRACE {env.origin.url}/mf HTTP/1.1\r\n".encode())
+        assert r.header("Content-Type") == "message/http"
+        assert r.body.startswith(f"TRACE {env.origin.url}/mf HTTP/1.1\r\n".encode())
     else:
-        assert header(hdrs, "allow") == "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
+        assert r.header("Allow") == "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
 
 
 @pytest.mark.parametrize("method", ["OPTIONS", "TRACE"])
 def test_forward_max_forwards_is_decremented(env, method):
-    c = Conn(env.port["open"])
-    try:
+    with HTTPClient(env.port["open"]) as c:
         c.send((f"{method} {env.origin.url}/mf HTTP/1.1\r\n"
                 f"Host: 127.0.0.1:{env.origin.port}\r\nMax-Forwards: 3\r\n"
                 "Connection: close\r\n\r\n").encode())
-        status, _, body = c.response()
-    finally:
-        c.close()
-    assert status == 200
-    seen = json.loads(body)
+        r = c.response()
+    assert r.status == 200
+    seen = json.loads(r.body)
     assert seen["server"] == "origin"
     assert seen_headers(seen)["max-forwards"] == "2"
 

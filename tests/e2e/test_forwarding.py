@@ -9,19 +9,16 @@ backend reports it received (its JSON) or on what the client got back.
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
 import re
-import socket
 import subprocess
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 
-from harness import Echo, Proxy, RawBackend, free_port, read_head
+from clients import Response, Session, ask, fetch, message
+from harness import Lab, Proxy, read_head
 
 ECHO_NAMES = ("main", "users", "payments", "iis", "oldie", "other")
 
@@ -300,117 +297,31 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("forwarding")
-    echoes: dict[str, Echo] = {}
-    raws: list[RawBackend] = []
-    proxy = None
-    try:
-        with ThreadPoolExecutor(len(ECHO_NAMES)) as pool:
-            for name, echo in zip(ECHO_NAMES, pool.map(Echo, ECHO_NAMES)):
-                echoes[name] = echo
-        raws = [RawBackend(reason_backend), RawBackend(dead_backend)]
-        port = free_port()
-        config = fill(CONFIG, PORT=port, raw=raws[0].url, dead=raws[1].url,
-                      **{n: e.url for n, e in echoes.items()})
-        proxy = Proxy(config, tmp)
-        yield Env(proxy, port, echoes)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        for r in raws:
-            r.stop()
-        for e in echoes.values():
-            e.stop()
+    with Lab(tmp_path_factory.mktemp("forwarding")) as lab:
+        echoes = dict(zip(ECHO_NAMES, lab.echos(*ECHO_NAMES)))
+        reason, dead = lab.raw(reason_backend), lab.raw(dead_backend)
+        proxy = lab.proxy(lambda ports: fill(CONFIG, PORT=ports[0], raw=reason.url,
+                                             dead=dead.url,
+                                             **{n: e.url for n, e in echoes.items()}))
+        yield Env(proxy, proxy.port, echoes)
 
 
 @pytest.fixture(scope="module")
 def quiet(env, tmp_path_factory):
     """A second proxy with server_tokens = "off"."""
-    tmp = tmp_path_factory.mktemp("forwarding-quiet")
-    port = free_port()
-    proxy = Proxy(fill(QUIET_CONFIG, PORT=port, main=env.echoes["main"].url), tmp)
-    try:
-        yield Env(proxy, port, env.echoes)
-    finally:
-        proxy.stop()
+    with Lab(tmp_path_factory.mktemp("forwarding-quiet")) as lab:
+        proxy = lab.proxy(lambda ports: fill(QUIET_CONFIG, PORT=ports[0],
+                                             main=env.echoes["main"].url))
+        yield Env(proxy, proxy.port, env.echoes)
 
 
 # ---------------------------------------------------------------------------------------
 # clients
 
 
-@dataclass
-class Resp:
-    status: int
-    reason: str
-    headers: list          # [(name, value)] in order, as received
-    body: bytes
-
-    def get(self, name: str) -> list[str]:
-        return [v for n, v in self.headers if n.lower() == name.lower()]
-
-    def one(self, name: str) -> str | None:
-        values = self.get(name)
-        assert len(values) <= 1, f"{name} repeated: {values}"
-        return values[0] if values else None
-
-    @property
-    def echo(self) -> dict:
-        """The echo backend's report; fails if the answer did not come from an echo."""
-        assert self.one("Content-Type") == "application/json", \
-            f"not an echo answer: {self.status} {self.headers} {self.body[:200]!r}"
-        return json.loads(self.body)
-
-
-def request(port: int, path: str, *, host: str | None = "proxy.test", method: str = "GET",
-            headers=(), body: bytes | None = None) -> Resp:
-    """One request on its own connection, through http.client (path sent as given)."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        c.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        if host is not None:
-            c.putheader("Host", host)
-        for name, value in headers:
-            c.putheader(name, value)
-        if body is not None:
-            c.putheader("Content-Length", str(len(body)))
-        c.endheaders(body)
-        r = c.getresponse()
-        data = r.read()
-        return Resp(r.status, r.reason, r.getheaders(), data)
-    finally:
-        c.close()
-
-
-def raw(port: int, lines: list[str], body: bytes = b"") -> tuple[str, Resp]:
-    """Send a request head written line by line; read one response (Content-Length
-    framed, or up to the close). Returns (status line, response)."""
-    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(data)
-        out = b""
-        while b"\r\n\r\n" not in out:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-        head, _, rest = out.partition(b"\r\n\r\n")
-        head_lines = head.decode("latin-1").split("\r\n")
-        headers = []
-        for line in head_lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name, value.strip()))
-        lengths = [v for n, v in headers if n.lower() == "content-length"]
-        want = int(lengths[0]) if lengths else None
-        while want is None or len(rest) < want:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-    status_line = head_lines[0]
-    parts = status_line.split(" ", 2)
-    resp = Resp(int(parts[1]), parts[2] if len(parts) > 2 else "", headers, rest)
-    return status_line, resp
+def raw(port: int, lines: list[str], body: bytes = b"") -> Response:
+    """Send a request head written line by line; read one response."""
+    return ask(port, message(*lines, body=body), timeout=5)
 
 
 def seen(echo: dict, name: str) -> list[str]:
@@ -422,7 +333,7 @@ def seen_names(echo: dict) -> list[str]:
     return [n.lower() for n, _ in echo["headers"]]
 
 
-def assert_proxy_404(r: Resp):
+def assert_proxy_404(r: Response):
     """The proxy's own 404 page, not a backend's."""
     assert r.status == 404, (r.status, r.body[:300])
     assert r.one("Content-Type") == "text/html; charset=utf-8"
@@ -431,7 +342,7 @@ def assert_proxy_404(r: Resp):
 
 
 def echo_of(env: Env, path: str, **kw) -> dict:
-    r = request(env.port, path, **kw)
+    r = fetch(env.port, path, **kw)
     assert r.status == 200, (r.status, r.body[:300])
     return r.echo
 
@@ -452,8 +363,8 @@ def test_first_matching_route_wins(env):
 
 
 def test_exclusion_before_general_route_answers_404(env):
-    assert_proxy_404(request(env.port, "/excl/private"))
-    assert_proxy_404(request(env.port, "/excl/private/deeper?x=1"))
+    assert_proxy_404(fetch(env.port, "/excl/private"))
+    assert_proxy_404(fetch(env.port, "/excl/private/deeper?x=1"))
     # the exclusion is a prefix rule too: /excl/privatex is not under it
     e = echo_of(env, "/excl/privatex")
     assert e["target"] == "/excl/privatex"
@@ -538,7 +449,7 @@ def test_match_headers_sends_old_ie_elsewhere(env, ua, backend):
 ])
 def test_dot_segments_cannot_leave_a_route(env, path):
     # normalised to /admin..., which is excluded: the /app/ route must never see it
-    assert_proxy_404(request(env.port, path))
+    assert_proxy_404(fetch(env.port, path))
 
 
 @pytest.mark.parametrize("path, server_target", [
@@ -586,7 +497,7 @@ def test_vhost_chosen_by_host(env, host, backend):
 
 
 def test_http10_without_host_goes_to_first_vhost(env):
-    _, r = raw(env.port, ["GET /vh10 HTTP/1.0"])
+    r = raw(env.port, ["GET /vh10 HTTP/1.0"])
     assert r.status == 200
     e = r.echo
     assert (e["server"], e["target"]) == ("main", "/vh10")
@@ -598,7 +509,7 @@ def test_seed_iis_behind_proxy_with_apache_apps_excluded(env):
     e = echo_of(env, "/apache-appsx", host="iis.test")
     assert e["server"] == "iis"
     for path in ("/apache-apps", "/apache-apps/", "/apache-apps/wiki/index.php?x=1"):
-        r = request(env.port, path, host="iis.test")
+        r = fetch(env.port, path, host="iis.test")
         assert_proxy_404(r)
         assert r.one("Server") == "twistproxy"
 
@@ -663,22 +574,22 @@ def test_add_headers_false_adds_nothing(env):
 
 
 def test_proxy_via_on(env):
-    r = request(env.port, "/via", host="via-on.test", headers=[("Via", "1.0 fred")])
+    r = fetch(env.port, "/via", host="via-on.test", headers=[("Via", "1.0 fred")])
     e = r.echo
     assert len(seen(e, "Via")) == 1
     assert re.fullmatch(r"1\.0 fred, 1\.1 via-on\.test(:\d+)?", seen(e, "Via")[0])
     assert re.fullmatch(r"1\.1 via-on\.test(:\d+)?", r.one("Via") or "")
     # a backend's Via is kept, ours appended
-    r = request(env.port, "/via", host="via-on.test",
-                headers=[("X-Echo-Header", "Via: 1.1 upstream-cache")])
+    r = fetch(env.port, "/via", host="via-on.test",
+              headers=[("X-Echo-Header", "Via: 1.1 upstream-cache")])
     assert re.fullmatch(r"1\.1 upstream-cache, 1\.1 via-on\.test(:\d+)?", r.one("Via") or "")
     # the client's HTTP version names the request hop
-    _, r = raw(env.port, ["GET /via10 HTTP/1.0", "Host: via-on.test"])
+    r = raw(env.port, ["GET /via10 HTTP/1.0", "Host: via-on.test"])
     assert re.fullmatch(r"1\.0 via-on\.test(:\d+)?", seen(r.echo, "Via")[0])
 
 
 def test_proxy_via_full(env):
-    r = request(env.port, "/via", host="via-full.test", headers=[("Via", "1.0 fred")])
+    r = fetch(env.port, "/via", host="via-full.test", headers=[("Via", "1.0 fred")])
     via = seen(r.echo, "Via")
     assert len(via) == 1
     assert re.fullmatch(r"1\.0 fred, 1\.1 via-full\.test(:\d+)? \(.+\)", via[0])
@@ -686,20 +597,20 @@ def test_proxy_via_full(env):
 
 
 def test_proxy_via_block(env):
-    r = request(env.port, "/via", host="via-block.test",
-                headers=[("Via", "1.0 fred"), ("via", "1.1 barney")])
+    r = fetch(env.port, "/via", host="via-block.test",
+              headers=[("Via", "1.0 fred"), ("via", "1.1 barney")])
     assert "via" not in seen_names(r.echo)
-    assert r.get("Via") == []
+    assert r.all("Via") == []
 
 
 def test_proxy_via_off_leaves_via_alone(env):
-    r = request(env.port, "/via", headers=[("Via", "1.0 fred")])
+    r = fetch(env.port, "/via", headers=[("Via", "1.0 fred")])
     assert seen(r.echo, "Via") == ["1.0 fred"]
-    assert r.get("Via") == []
+    assert r.all("Via") == []
 
 
 def test_hop_by_hop_headers_removed(env):
-    _, r = raw(env.port, [
+    r = raw(env.port, [
         "GET /hop HTTP/1.1",
         "Host: proxy.test",
         "Connection: keep-alive, X-Drop-Me, x-also-drop",
@@ -733,8 +644,8 @@ def test_proxy_authorization_passed_on_only_with_chain_auth(env):
 
 def test_te_trailers_dropped_when_connection_lists_te(env):
     # RFC 9110 10.1.4: a sender of TE also lists it in Connection (gRPC clients do)
-    _, r = raw(env.port, ["POST /te HTTP/1.1", "Host: proxy.test", "Connection: TE",
-                          "TE: trailers", "Content-Length: 2"], b"hi")
+    r = raw(env.port, ["POST /te HTTP/1.1", "Host: proxy.test", "Connection: TE",
+                       "TE: trailers", "Content-Length: 2"], b"hi")
     e = r.echo
     assert "te" not in seen_names(e)
     assert "connection" not in seen_names(e)
@@ -748,7 +659,7 @@ def test_te_without_trailers_removed(env):
 
 def test_h2c_upgrade_request_forwarded_without_upgrade_headers(env):
     # what `curl --http2 http://...` sends: a plain HTTP/1.1 answer is the right reply
-    _, r = raw(env.port, [
+    r = raw(env.port, [
         "GET /h2c HTTP/1.1",
         "Host: proxy.test",
         "Connection: Upgrade, HTTP2-Settings",
@@ -776,8 +687,8 @@ def test_repeated_headers_order_and_name_case_kept(env):
         ("Cookie", "b=2"),
         ("ACCEPT-LANGUAGE", "fr, en;q=0.5"),
     ]
-    _, r = raw(env.port, ["GET /order HTTP/1.1", "Host: proxy.test",
-                          *(f"{n}: {v}" for n, v in sent), "Connection: close"])
+    r = raw(env.port, ["GET /order HTTP/1.1", "Host: proxy.test",
+                       *(f"{n}: {v}" for n, v in sent), "Connection: close"])
     added = {"host", "x-forwarded-for", "x-forwarded-host", "x-forwarded-server",
              "x-forwarded-proto", "x-forwarded-port"}
     got = [(n, v) for n, v in r.echo["headers"] if n.lower() not in added]
@@ -785,9 +696,9 @@ def test_repeated_headers_order_and_name_case_kept(env):
 
 
 def test_header_values_forwarded_byte_for_byte(env):
-    _, r = raw(env.port, ["GET /bytes HTTP/1.1", "Host: proxy.test",
-                          "X-Latin: caf\xe9 cr\xe8me", "X-Spaces: a  b\tc",
-                          "X-Quote: \"q\", 'p'", "Connection: close"])
+    r = raw(env.port, ["GET /bytes HTTP/1.1", "Host: proxy.test",
+                       "X-Latin: caf\xe9 cr\xe8me", "X-Spaces: a  b\tc",
+                       "X-Quote: \"q\", 'p'", "Connection: close"])
     e = r.echo
     assert seen(e, "X-Latin") == ["caf\xe9 cr\xe8me"]
     assert seen(e, "X-Spaces") == ["a  b\tc"]
@@ -796,8 +707,8 @@ def test_header_values_forwarded_byte_for_byte(env):
 
 def test_request_body_forwarded(env):
     body = bytes(range(256)) * 40
-    r = request(env.port, "/post", method="POST", body=body,
-                headers=[("Content-Type", "application/octet-stream")])
+    r = fetch(env.port, "/post", method="POST", body=body,
+              headers=[("Content-Type", "application/octet-stream")])
     e = r.echo
     assert (e["method"], e["body_length"]) == ("POST", len(body))
     assert seen(e, "Content-Length") == [str(len(body))]
@@ -809,19 +720,18 @@ def test_request_body_forwarded(env):
 
 
 def test_backend_status_and_reason_relayed(env):
-    status_line, r = raw(env.port, ["GET /missing HTTP/1.1", "Host: proxy.test",
-                                    "X-Echo-Status: 404", "Connection: close"])
-    assert status_line == "HTTP/1.1 404 Not Found"
+    r = raw(env.port, ["GET /missing HTTP/1.1", "Host: proxy.test",
+                       "X-Echo-Status: 404", "Connection: close"])
+    assert (r.version, r.status, r.reason) == ("HTTP/1.1", 404, "Not Found")
     assert r.echo["target"] == "/missing"         # the backend's body, not our error page
-    status_line, r = raw(env.port, ["GET /raw/x HTTP/1.1", "Host: proxy.test",
-                                    "Connection: close"])
-    assert status_line == "HTTP/1.1 299 Quite Fine Thanks"
+    r = raw(env.port, ["GET /raw/x HTTP/1.1", "Host: proxy.test", "Connection: close"])
+    assert (r.version, r.status, r.reason) == ("HTTP/1.1", 299, "Quite Fine Thanks")
     assert r.one("X-Raw") == "yes"
     assert r.body == b"raw!"
 
 
 def test_response_hop_by_hop_headers_removed(env):
-    r = request(env.port, "/resp-hop", headers=[
+    r = fetch(env.port, "/resp-hop", headers=[
         ("X-Echo-Header", "Connection: X-Secret"),
         ("X-Echo-Header", "X-Secret: internal"),
         ("X-Echo-Header", "Keep-Alive: timeout=5"),
@@ -832,16 +742,16 @@ def test_response_hop_by_hop_headers_removed(env):
     ])
     assert r.status == 200
     for gone in ("X-Secret", "Keep-Alive", "Proxy-Connection", "Upgrade", "Trailer"):
-        assert r.get(gone) == [], (gone, r.headers)
-    assert r.get("Connection") == []
-    assert r.get("X-Stays") == ["1"]
+        assert r.all(gone) == [], (gone, r.headers)
+    assert r.all("Connection") == []
+    assert r.all("X-Stays") == ["1"]
 
 
 def test_response_header_order_and_case_kept(env):
     sent = [("X-B", "2"), ("x-a", "1"), ("X-B", "3"), ("Link", "</a.css>; rel=preload"),
             ("Link", "</b.js>; rel=preload")]
-    _, r = raw(env.port, ["GET /resp-order HTTP/1.1", "Host: proxy.test", "Connection: close",
-                          *(f"X-Echo-Header: {n}: {v}" for n, v in sent)])
+    r = raw(env.port, ["GET /resp-order HTTP/1.1", "Host: proxy.test", "Connection: close",
+                       *(f"X-Echo-Header: {n}: {v}" for n, v in sent)])
     names = {n.lower() for n, _ in sent}
     assert [h for h in r.headers if h[0].lower() in names] == sent
 
@@ -850,41 +760,41 @@ def test_repeated_set_cookie_kept_separate(env):
     cookies = ["a=1; Path=/", "b=2, with comma; Path=/x", "c=3; Expires=Wed, 21 Oct 2037 07:28:00 GMT"]
     lines = ["GET /cookies HTTP/1.1", "Host: proxy.test", "Connection: close"]
     lines += [f"X-Echo-Header: Set-Cookie: {c}" for c in cookies]
-    _, r = raw(env.port, lines)
-    assert r.get("Set-Cookie") == cookies
-    r = request(env.port, "/cookies", headers=[("X-Echo-Header", f"Set-Cookie: {c}")
-                                               for c in cookies])
-    assert r.get("Set-Cookie") == cookies
+    r = raw(env.port, lines)
+    assert r.all("Set-Cookie") == cookies
+    r = fetch(env.port, "/cookies", headers=[("X-Echo-Header", f"Set-Cookie: {c}")
+                                             for c in cookies])
+    assert r.all("Set-Cookie") == cookies
 
 
 def test_reverse_rewrites_location_and_content_location(env):
     backend = env.echoes["main"].url
     public = f"http://proxy.test:{env.port}"
-    r = request(env.port, "/rev/old", host=f"proxy.test:{env.port}", headers=[
+    r = fetch(env.port, "/rev/old", host=f"proxy.test:{env.port}", headers=[
         ("X-Echo-Status", "302"),
         ("X-Echo-Header", f"Location: {backend}/internal/new/place?a=1&b=%2F"),
         ("X-Echo-Header", f"Content-Location: {backend}/internal/doc.json"),
     ])
     assert r.status == 302
     assert r.echo["target"] == "/internal/old"
-    assert r.get("Location") == [f"{public}/rev/new/place?a=1&b=%2F"]
-    assert r.get("Content-Location") == [f"{public}/rev/doc.json"]
+    assert r.all("Location") == [f"{public}/rev/new/place?a=1&b=%2F"]
+    assert r.all("Content-Location") == [f"{public}/rev/doc.json"]
     # URI too, and the backend URL is compared case-insensitively
-    r = request(env.port, "/rev/old", host=f"proxy.test:{env.port}", headers=[
+    r = fetch(env.port, "/rev/old", host=f"proxy.test:{env.port}", headers=[
         ("X-Echo-Status", "303"),
         ("X-Echo-Header", f"Location: {backend.upper()}/INTERNAL/Up"),
         ("X-Echo-Header", f"URI: {backend}/internal/u"),
     ])
-    assert r.get("Location") == [f"{public}/rev/Up"]
-    assert r.get("URI") == [f"{public}/rev/u"]
+    assert r.all("Location") == [f"{public}/rev/Up"]
+    assert r.all("URI") == [f"{public}/rev/u"]
 
 
 def test_reverse_location_for_http10_client_without_host(env):
     backend = env.echoes["main"].url
-    _, r = raw(env.port, ["GET /rev/a HTTP/1.0", "X-Echo-Status: 302",
-                          f"X-Echo-Header: Location: {backend}/internal/b"])
+    r = raw(env.port, ["GET /rev/a HTTP/1.0", "X-Echo-Status: 302",
+                       f"X-Echo-Header: Location: {backend}/internal/b"])
     assert r.status == 302
-    assert r.get("Location") == ["http://proxy.test/rev/b"]
+    assert r.all("Location") == ["http://proxy.test/rev/b"]
 
 
 @pytest.mark.parametrize("host", ["proxy.test@evil.example", "evil.example/proxy.test"])
@@ -892,18 +802,18 @@ def test_reverse_never_builds_a_location_from_an_invalid_host(env, host):
     # RFC 9112 3.2: a Host with an invalid value is a 400; it must not become the
     # authority of a rewritten Location (an open redirect to evil.example)
     backend = env.echoes["main"].url
-    r = request(env.port, "/rev/a", host=host, headers=[
+    r = fetch(env.port, "/rev/a", host=host, headers=[
         ("X-Echo-Status", "302"), ("X-Echo-Header", f"Location: {backend}/internal/b")])
-    assert r.status == 400, (r.status, r.get("Location"))
-    assert r.get("Location") == []
+    assert r.status == 400, (r.status, r.all("Location"))
+    assert r.all("Location") == []
 
 
 def test_reverse_leaves_foreign_locations_alone(env):
-    r = request(env.port, "/rev/x", headers=[
+    r = fetch(env.port, "/rev/x", headers=[
         ("X-Echo-Status", "301"),
         ("X-Echo-Header", "Location: http://elsewhere.example/internal/x"),
     ])
-    assert r.get("Location") == ["http://elsewhere.example/internal/x"]
+    assert r.all("Location") == ["http://elsewhere.example/internal/x"]
 
 
 def test_reverse_location_through_curl(env):
@@ -941,39 +851,39 @@ def test_cookie_domain_and_path_rewritten_and_nothing_else(env):
         ("c=3; Domain=other.example; Path=/public/", "c=3; Domain=other.example; Path=/public/"),
         ("d=4; Path=/Internal/", "d=4; Path=/Internal/"),      # path is case-sensitive
     ]
-    r = request(env.port, "/rev/login", headers=[
+    r = fetch(env.port, "/rev/login", headers=[
         ("X-Echo-Header", f"Set-Cookie: {c}") for c, _ in cookies])
-    assert r.get("Set-Cookie") == [want for _, want in cookies]
+    assert r.all("Set-Cookie") == [want for _, want in cookies]
 
 
 def test_backend_server_header_passes_through(env):
-    r = request(env.port, "/srv", headers=[("X-Echo-Header", "Server: Microsoft-IIS/10.0")])
-    assert r.get("Server") == ["Microsoft-IIS/10.0"]
+    r = fetch(env.port, "/srv", headers=[("X-Echo-Header", "Server: Microsoft-IIS/10.0")])
+    assert r.all("Server") == ["Microsoft-IIS/10.0"]
 
 
 def test_proxy_names_itself_when_the_backend_does_not(env):
-    r = request(env.port, "/srv")
+    r = fetch(env.port, "/srv")
     assert r.echo["target"] == "/srv"
-    assert r.get("Server") == ["twistproxy"]
+    assert r.all("Server") == ["twistproxy"]
 
 
 def test_own_404_says_server_twistproxy(env):
-    r = request(env.port, "/admin")
+    r = fetch(env.port, "/admin")
     assert_proxy_404(r)
-    assert r.get("Server") == ["twistproxy"]
+    assert r.all("Server") == ["twistproxy"]
 
 
 def test_server_tokens_off(quiet):
-    r = request(quiet.port, "/gone", host="quiet.test")
+    r = fetch(quiet.port, "/gone", host="quiet.test")
     assert_proxy_404(r)
-    assert r.get("Server") == []
-    assert r.get("X-Frame-Options") == ["DENY"]
-    r = request(quiet.port, "/x", host="quiet.test")
+    assert r.all("Server") == []
+    assert r.all("X-Frame-Options") == ["DENY"]
+    r = fetch(quiet.port, "/x", host="quiet.test")
     assert r.echo["target"] == "/x"
-    assert r.get("Server") == []
-    r = request(quiet.port, "/x", host="quiet.test",
-                headers=[("X-Echo-Header", "Server: Apache-Coyote/1.1")])
-    assert r.get("Server") == ["Apache-Coyote/1.1"]
+    assert r.all("Server") == []
+    r = fetch(quiet.port, "/x", host="quiet.test",
+              headers=[("X-Echo-Header", "Server: Apache-Coyote/1.1")])
+    assert r.all("Server") == ["Apache-Coyote/1.1"]
 
 
 def test_request_header_actions_vhost_then_route(env):
@@ -1003,49 +913,49 @@ def test_request_header_unset_strips_spoofed_forwarded_for_only(env):
 
 
 def test_response_header_actions_vhost_and_route(env):
-    r = request(env.port, "/route/b", host="hdrs.test", headers=[
+    r = fetch(env.port, "/route/b", host="hdrs.test", headers=[
         ("X-Echo-Header", "X-Powered-By: ASP.NET"),
         ("X-Echo-Header", "Cache-Control: public, max-age=600"),
         ("X-Echo-Header", "X-Frame-Options: ALLOWALL"),
         ("X-Echo-Header", "X-Added: 0"),
     ])
     assert r.status == 200
-    assert r.get("X-Powered-By") == []
-    assert r.get("Cache-Control") == ["no-store"]
-    assert r.get("X-Frame-Options") == ["SAMEORIGIN"]
-    assert r.get("X-Vhost") == ["hdrs"]
-    assert r.get("X-Added") == ["0", "1"]
+    assert r.all("X-Powered-By") == []
+    assert r.all("Cache-Control") == ["no-store"]
+    assert r.all("X-Frame-Options") == ["SAMEORIGIN"]
+    assert r.all("X-Vhost") == ["hdrs"]
+    assert r.all("X-Added") == ["0", "1"]
     # a backend's own error response is still a proxied response: all actions apply
-    r = request(env.port, "/route/c", host="hdrs.test", headers=[
+    r = fetch(env.port, "/route/c", host="hdrs.test", headers=[
         ("X-Echo-Status", "500"), ("X-Echo-Header", "X-Powered-By: ASP.NET")])
     assert r.status == 500
     assert r.echo["target"] == "/route/c"
-    assert r.get("X-Vhost") == ["hdrs"]
-    assert r.get("X-Added") == ["1"]
-    assert r.get("X-Powered-By") == []
+    assert r.all("X-Vhost") == ["hdrs"]
+    assert r.all("X-Added") == ["1"]
+    assert r.all("X-Powered-By") == []
     # not on another vhost
-    r = request(env.port, "/plain", headers=[("X-Echo-Header", "X-Powered-By: ASP.NET")])
-    assert r.get("X-Powered-By") == ["ASP.NET"]
-    assert r.get("X-Frame-Options") == []
+    r = fetch(env.port, "/plain", headers=[("X-Echo-Header", "X-Powered-By: ASP.NET")])
+    assert r.all("X-Powered-By") == ["ASP.NET"]
+    assert r.all("X-Frame-Options") == []
 
 
 def test_always_header_actions_on_own_404(env):
     for path in ("/closed", "/closed/x"):
-        r = request(env.port, path, host="hdrs.test")
+        r = fetch(env.port, path, host="hdrs.test")
         assert_proxy_404(r)
-        assert r.get("X-Frame-Options") == ["SAMEORIGIN"]
-        assert r.get("X-Vhost") == []                      # not `always`
+        assert r.all("X-Frame-Options") == ["SAMEORIGIN"]
+        assert r.all("X-Vhost") == []                      # not `always`
 
 
 def test_always_header_actions_on_502(env):
-    r = request(env.port, "/dead/x", host="hdrs.test")
+    r = fetch(env.port, "/dead/x", host="hdrs.test")
     assert r.status == 502
     assert r.one("Content-Type") == "text/html; charset=utf-8"
-    assert r.get("X-Frame-Options") == ["SAMEORIGIN"]
-    assert r.get("X-Route-Always") == ["yes"]
-    assert r.get("X-Vhost") == []
-    assert r.get("X-Route-Normal") == []
-    assert r.get("Server") == ["twistproxy"]
+    assert r.all("X-Frame-Options") == ["SAMEORIGIN"]
+    assert r.all("X-Route-Always") == ["yes"]
+    assert r.all("X-Vhost") == []
+    assert r.all("X-Route-Normal") == []
+    assert r.all("Server") == ["twistproxy"]
 
 
 # =======================================================================================
@@ -1053,16 +963,16 @@ def test_always_header_actions_on_502(env):
 
 
 def test_options_max_forwards_zero_answered_by_proxy(env):
-    r = request(env.port, "/mf", method="OPTIONS", headers=[("Max-Forwards", "0")])
+    r = fetch(env.port, "/mf", method="OPTIONS", headers=[("Max-Forwards", "0")])
     assert r.status == 200
     assert r.one("Allow") == "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
-    assert r.get("Content-Type") != ["application/json"]
+    assert r.all("Content-Type") != ["application/json"]
     assert r.body == b""
 
 
 def test_trace_max_forwards_zero_answered_by_proxy(env):
-    r = request(env.port, "/mf?x=1", method="TRACE",
-                headers=[("Max-Forwards", "0"), ("X-Probe", "p")])
+    r = fetch(env.port, "/mf?x=1", method="TRACE",
+              headers=[("Max-Forwards", "0"), ("X-Probe", "p")])
     assert r.status == 200
     assert r.one("Content-Type") == "message/http"
     assert r.body.startswith(b"TRACE /mf?x=1 HTTP/1.1\r\n")
@@ -1082,7 +992,7 @@ def test_max_forwards_decremented(env, method, value, expected):
 
 @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "2, 3", "0x10"])
 def test_max_forwards_not_a_number_is_400(env, value):
-    r = request(env.port, "/mf", method="OPTIONS", headers=[("Max-Forwards", value)])
+    r = fetch(env.port, "/mf", method="OPTIONS", headers=[("Max-Forwards", value)])
     assert r.status == 400
     assert b'"server"' not in r.body
 
@@ -1098,12 +1008,7 @@ LOG_LINE = re.compile(
 
 
 def log_lines(env: Env, marker: str, count: int = 1) -> list[re.Match]:
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [l for l in env.proxy.access_log().splitlines() if marker in l]
-        if len(lines) >= count or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    lines = env.proxy.wait_for_access_lines(count, marker, timeout=5)
     matches = [LOG_LINE.match(l) for l in lines]
     assert all(matches), lines
     return matches
@@ -1111,16 +1016,16 @@ def log_lines(env: Env, marker: str, count: int = 1) -> list[re.Match]:
 
 def test_access_log_lines(env):
     tag = uuid.uuid4().hex
-    ok = request(env.port, f"/log/{tag}?q=1", headers=[
+    ok = fetch(env.port, f"/log/{tag}?q=1", headers=[
         ("Referer", "http://ref.example/page"), ("User-Agent", 'Test "Agent"/1.0')])
-    missing = request(env.port, f"/admin/{tag}", headers=[("User-Agent", "curl/8")])
-    slow = request(env.port, f"/slow/{tag}", headers=[("X-Echo-Delay", "0.3")])
-    teapot = request(env.port, f"/iis/{tag}", host="iis.test",
-                     headers=[("X-Echo-Status", "418")])
-    head = request(env.port, f"/head/{tag}", method="HEAD")
-    big = request(env.port, f"/big/{tag}", headers=[("X-Echo-Bytes", "70000"),
-                                                    ("X-Echo-Chunked", "1")])
-    bad = request(env.port, f"/bad/{tag}", method="OPTIONS", headers=[("Max-Forwards", "x")])
+    missing = fetch(env.port, f"/admin/{tag}", headers=[("User-Agent", "curl/8")])
+    slow = fetch(env.port, f"/slow/{tag}", headers=[("X-Echo-Delay", "0.3")])
+    teapot = fetch(env.port, f"/iis/{tag}", host="iis.test",
+                   headers=[("X-Echo-Status", "418")])
+    head = fetch(env.port, f"/head/{tag}", method="HEAD")
+    big = fetch(env.port, f"/big/{tag}", headers=[("X-Echo-Bytes", "70000"),
+                                                  ("X-Echo-Chunked", "1")])
+    bad = fetch(env.port, f"/bad/{tag}", method="OPTIONS", headers=[("Max-Forwards", "x")])
 
     (m,) = log_lines(env, f"/log/{tag}")
     assert m["ip"] == "127.0.0.1"
@@ -1159,19 +1064,10 @@ def test_access_log_lines(env):
 
 def test_access_log_one_line_per_request_on_keep_alive(env):
     tag = uuid.uuid4().hex
-    c = http.client.HTTPConnection("127.0.0.1", env.port, timeout=10)
-    try:
+    with Session(env.port) as c:
         for i in range(3):
-            c.request("GET", f"/ka/{tag}/{i}", headers={"Host": "proxy.test"})
-            r = c.getresponse()
-            r.read()
-            assert r.status == 200
-        c.request("GET", f"/admin/{tag}", headers={"Host": "proxy.test"})
-        r = c.getresponse()
-        r.read()
-        assert r.status == 404
-    finally:
-        c.close()
+            assert c.get(f"/ka/{tag}/{i}").status == 200
+        assert c.get(f"/admin/{tag}").status == 404
     matches = log_lines(env, tag, count=4)
     time.sleep(1.2)                  # one more flush: nothing else may appear
     matches = log_lines(env, tag, count=4)

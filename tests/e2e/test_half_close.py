@@ -163,14 +163,11 @@ def split_responses(raw: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def access_lines(proxy, text: str, count: int = 1) -> list[str]:
-    """The access-log lines containing `text`, once there are `count` of them."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [l for l in proxy.access_log().splitlines() if text in l]
-        if len(lines) >= count or time.monotonic() > deadline:
-            time.sleep(0.2)            # and no more than that come
-            return [l for l in proxy.access_log().splitlines() if text in l]
-        time.sleep(0.05)
+    """The access-log lines containing `text`, once there are `count` of them (and a
+    moment later, so that more would be seen too)."""
+    proxy.wait_for_access_lines(count, text, timeout=5)
+    time.sleep(0.2)
+    return proxy.access_lines(text)
 
 
 def wait_seen(target: str, timeout: float = 5.0) -> str | None:

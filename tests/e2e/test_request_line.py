@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness import Proxy, RawBackend, free_port
+from clients import HTTPClient, Response
+from harness import Lab, Proxy, RawBackend
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 
@@ -134,81 +135,23 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("request-line")
-    backend = Recorder()
-    port, fwd_port = free_port(), free_port()
-    proxy = None
-    try:
-        proxy = Proxy(config(port, fwd_port, backend.port), tmp)
-        yield Env(proxy, port, fwd_port, backend)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        backend.raw.stop()
+    with Lab(tmp_path_factory.mktemp("request-line")) as lab:
+        backend = Recorder()
+        lab.add(backend.raw)
+        proxy = lab.proxy(lambda ports: config(ports[0], ports["fwd"], backend.port))
+        yield Env(proxy, proxy.port, proxy.ports["fwd"], backend)
 
 
 # ---------------------------------------------------------------------------
 # a raw client
 
 
-@dataclass
-class Resp:
-    status: int
-    headers: dict          # lower-case name -> last value
-    body: bytes
-
-    def seen(self) -> dict:
-        """What the backend answered it saw."""
-        return json.loads(self.body)
-
-
-class Client:
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def response(self) -> Resp:
-        while b"\r\n\r\n" not in self.buf:
-            self._read()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers = {n.lower(): v for n, _, v in (l.partition(": ") for l in lines[1:])}
-        length = int(headers.get("content-length", 0))
-        while len(self.buf) < length:
-            self._read()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return Resp(status, headers, body)
-
-    def closed(self) -> bool:
-        """Whether the proxy closes the connection (after what it already sent)."""
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def _read(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError(f"closed before a whole response; got {self.buf!r}")
-        self.buf += data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def exchange(port: int, data: bytes) -> tuple[Resp, bool]:
+def exchange(port: int, data: bytes) -> tuple[Response, bool]:
     """Send raw bytes; the first response and whether the proxy then closes."""
-    c = Client(port)
-    try:
+    with HTTPClient(port) as c:
         c.send(data)
         r = c.response()
-        return r, r.headers.get("connection") == "close" and c.closed()
-    finally:
-        c.close()
+        return r, r.header("Connection") == "close" and c.closes()
 
 
 def marker() -> str:
@@ -273,7 +216,7 @@ def test_well_formed_hosts_are_served_in_host_and_absolute_form(env, host):
                       (f"GET http://{host}/{mark}/a HTTP/1.1", "Host: proxy.test")):
         r, _ = exchange(env.port, f"{line}\r\n{hdr}\r\n\r\n".encode())
         assert r.status == 200, (line, hdr, r)
-        seen = dict(r.seen()["headers"])
+        seen = dict(r.json()["headers"])
         assert seen["X-Forwarded-Host"] == host      # the authority stands for Host
     assert env.backend.saw(f"/{mark}/h") and env.backend.saw(f"/{mark}/a")
 
@@ -307,7 +250,7 @@ def test_forward_proxy_serves_the_dotted_quad(env):
     r, _ = exchange(env.fwd_port, f"GET http://{hostport}/{mark} HTTP/1.1\r\n"
                                   f"Host: {hostport}\r\n\r\n".encode())
     assert r.status == 200
-    assert r.seen()["target"] == f"/{mark}"
+    assert r.json()["target"] == f"/{mark}"
 
 
 @pytest.mark.parametrize("target", ["0177.0.0.1:{port}", "127.1:{port}", "localhost:{port}x",
@@ -330,7 +273,7 @@ def test_http_1_0_and_1_1_are_served_as_http_1_1(env, version):
     mark = marker()
     r, _ = exchange(env.port, f"GET /{mark} {version}\r\nHost: proxy.test\r\n\r\n".encode())
     assert r.status == 200
-    assert r.seen()["version"] == "HTTP/1.1"
+    assert r.json()["version"] == "HTTP/1.1"
 
 
 @pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/3.0", "HTTP/1.2", "HTTP/9.9"])
@@ -380,25 +323,19 @@ def test_one_empty_line_before_the_request_line_is_ignored(env):
 
 def test_one_empty_line_between_keepalive_requests_is_ignored(env):
     mark = marker()
-    c = Client(env.port)
-    try:
+    with HTTPClient(env.port) as c:
         for n in range(3):
             c.send(f"\r\nGET /{mark}/{n} HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
             assert c.response().status == 200
-    finally:
-        c.close()
     assert env.backend.saw(f"/{mark}/2")
 
 
 def test_an_empty_line_split_across_packets_is_still_one(env):
     mark = marker()
-    c = Client(env.port)
-    try:
+    with HTTPClient(env.port) as c:
         c.send(b"\r")
         c.send(f"\nGET /{mark} HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
         assert c.response().status == 200
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize("before", ["\r\n\r\n", "\r\n\r\n\r\n", "\n", "\n\n", "\r", "\r\r\n",
@@ -413,16 +350,13 @@ def test_more_than_one_empty_line_or_a_lone_cr_or_lf_is_400(env, before):
 
 def test_two_empty_lines_after_a_keepalive_request_are_400(env):
     mark = marker()
-    c = Client(env.port)
-    try:
+    with HTTPClient(env.port) as c:
         c.send(f"GET /{mark}/1 HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
         assert c.response().status == 200
         c.send(b"\r\n")                          # on its own: may be the one allowed
         c.send(f"\r\nGET /{mark}/2 HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
         r = c.response()
-        assert r.status == 400 and c.closed()
-    finally:
-        c.close()
+        assert r.status == 400 and c.closes()
     assert not env.backend.saw(f"/{mark}/2")
 
 
@@ -522,7 +456,7 @@ def test_encoded_slash_off_leaves_the_query_and_an_encoded_percent_alone(env):
         r, _ = exchange(env.port, f"GET {target} HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
                         .encode())
         assert r.status == 200
-        assert r.seen()["target"] == target
+        assert r.json()["target"] == target
 
 
 @pytest.mark.parametrize("path, forwarded", [
@@ -536,7 +470,7 @@ def test_encoded_slash_on_is_a_slash(env, path, forwarded):
     r, _ = exchange(env.port, f"GET {path.format(mark=mark)} HTTP/1.1\r\nHost: on.test\r\n\r\n"
                     .encode())
     assert r.status == 200
-    assert r.seen()["target"] == forwarded.format(mark=mark)
+    assert r.json()["target"] == forwarded.format(mark=mark)
 
 
 @needs_curl
@@ -560,5 +494,5 @@ def test_te_is_not_forwarded(env, headers):
     data = "\r\n".join([f"GET /{mark} HTTP/1.1", "Host: proxy.test", *headers, "", ""])
     r, _ = exchange(env.port, data.encode())
     assert r.status == 200
-    names = [n.lower() for n, _ in r.seen()["headers"]]
+    names = [n.lower() for n, _ in r.json()["headers"]]
     assert "te" not in names and "connection" not in names

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import re
 import signal
@@ -14,6 +12,7 @@ import tempfile
 
 import pytest
 
+from clients import Response, fetch
 from harness import ROOT, Echo, Proxy, free_port, script, wait_port
 
 
@@ -22,13 +21,12 @@ def run(*args, timeout=30, **kw):
                           cwd=ROOT, **kw)
 
 
-def get(host, port, path="/", headers=None):
-    c = http.client.HTTPConnection(host, port, timeout=10)
-    c.request("GET", path, headers=headers or {})
-    r = c.getresponse()
-    body = r.read()
-    c.close()
-    return r, body
+def get(address, port, path="/", headers=None) -> Response:
+    """A GET to `address` with the Host http.client would send (address:port) unless
+    `headers` names one."""
+    headers = dict(headers or {})
+    host = headers.pop("Host", f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+    return fetch(port, path, headers, host=host, address=address, timeout=10)
 
 
 @pytest.fixture
@@ -70,9 +68,9 @@ listen = ["127.0.0.3:{port}"]
         # Whatever Host says, each IP's listener serves only its own vhost.
         for host, expected in (("127.0.0.2", "site-a"), ("127.0.0.3", "site-b")):
             for hostname in ("a.test", "b.test", "other"):
-                r, body = get(host, port, headers={"Host": hostname})
+                r = get(host, port, headers={"Host": hostname})
                 assert r.status == 200
-                assert json.loads(body)["server"] == expected
+                assert r.json()["server"] == expected
         # 127.0.0.1 on that port is not ours: binding exactly the IPs listed
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -97,8 +95,8 @@ server_name = "any.test"
     proxy = Proxy(cfg, tmp_path)
     try:
         for host in ("127.0.0.1", "127.0.0.5"):
-            r, body = get(host, port)
-            assert r.status == 200 and json.loads(body)["server"] == "site-a"
+            r = get(host, port)
+            assert r.status == 200 and r.json()["server"] == "site-a"
     finally:
         proxy.stop()
 
@@ -120,9 +118,9 @@ server_name = "v6.test"
 """
     proxy = Proxy(cfg, tmp_path)
     try:
-        r, body = get("::1", port)
+        r = get("::1", port)
         assert r.status == 200
-        assert json.loads(body)["server"] == "site-a"
+        assert r.json()["server"] == "site-a"
     finally:
         proxy.stop()
 
@@ -273,8 +271,8 @@ server_name = "t"
                             cwd=tmp_path)
     try:
         wait_port("127.0.0.1", port, proc=proc)
-        r, body = get("127.0.0.1", port, "/via-twistd")
-        assert r.status == 200 and json.loads(body)["target"] == "/via-twistd"
+        r = get("127.0.0.1", port, "/via-twistd")
+        assert r.status == 200 and r.json()["target"] == "/via-twistd"
         assert int(pidfile.read_text()) == proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -325,18 +323,17 @@ def test_demo_works_end_to_end():
         wait_port("127.0.0.1", port, proc=proc)
         servers = set()
         for _ in range(4):
-            r, body = get("127.0.0.1", port, "/hello")
+            r = get("127.0.0.1", port, "/hello")
             assert r.status == 200
-            servers.add(json.loads(body)["server"])
-            cookie = r.getheader("Set-Cookie")
+            servers.add(r.json()["server"])
+            cookie = r.header("Set-Cookie")
             assert cookie and cookie.startswith("ROUTEID=.app")
         assert servers == {"app1", "app2"}          # balanced
         # sticky: with the cookie, always the same app
-        seen = {json.loads(get("127.0.0.1", port, "/s", {"Cookie": "ROUTEID=.app2"})[1])
-                ["server"] for _ in range(4)}
+        seen = {get("127.0.0.1", port, "/s", {"Cookie": "ROUTEID=.app2"}).json()["server"]
+                for _ in range(4)}
         assert seen == {"app2"}
-        r, body = get("127.0.0.1", port, "/app1/some/path?q=1")
-        data = json.loads(body)
+        data = get("127.0.0.1", port, "/app1/some/path?q=1").json()
         assert data["server"] == "app1" and data["target"] == "/some/path?q=1"
         import asyncio
 

@@ -31,7 +31,8 @@ import pytest
 import trustme
 
 import clients
-from harness import ROOT, Proxy, RawBackend, free_port, wait_port
+from clients import Response
+from harness import ROOT, Lab, Proxy, RawBackend, free_port, wait_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -166,32 +167,15 @@ class SNIConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.sni)
 
 
-class Reply:
-    def __init__(self, status: int, headers, body: bytes):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        values = [v for n, v in self.headers if n.lower() == name.lower()]
-        return ", ".join(values) if values else None
-
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return f"<Reply {self.status} {self.body[:300]!r}>"
-
-
 def request(conn: http.client.HTTPConnection, path: str, host: str = "site.test",
-            headers: dict | None = None, method: str = "GET") -> Reply:
+            headers: dict | None = None, method: str = "GET") -> Response:
     conn.request(method, path, headers={"Host": host, **(headers or {})})
     r = conn.getresponse()
-    return Reply(r.status, r.getheaders(), r.read())
+    return Response(r.status, r.getheaders(), r.read(), r.reason)
 
 
 def https_get(pki: PKI, port: int, path: str, host: str = "site.test",
-              sni: str | None = "site.test", headers: dict | None = None) -> Reply:
+              sni: str | None = "site.test", headers: dict | None = None) -> Response:
     conn = SNIConnection(port, sni, pki.client_context())
     try:
         return request(conn, path, host, headers)
@@ -261,25 +245,37 @@ def assert_quiet(lines: list[str]) -> None:
 
 
 class Env:
-    pass
+    """What the module's tests use, by name (started by the fixture's Lab)."""
 
 
 # the `ciphers` listener: one GCM suite, and a CBC one the default list leaves out
 CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-SHA"
 
 
+LISTENERS = ("tls", "redirect", "plain", "tls13", "cipher", "chain", "fullchain")
+
+
 @pytest.fixture(scope="module")
 def env(pki):
-    e = Env()
-    e.main = TLSBackend(pki, "backend")          # trusted via ca.pem: 127.0.0.1, localhost
-    e.pooled = TLSBackend(pki, "backend")        # only /reuse/ goes here: counts connections
-    e.wrong = TLSBackend(pki, "elsewhere")       # trusted CA, certificate for another name
-    e.rogue = TLSBackend(pki, "rogue")           # a CA nobody trusts
-    e.rogue2 = TLSBackend(pki, "rogue")          # the same, reached with verify = false
+    with Lab(pki.dir) as lab:
+        e = Env()
+        e.main = lab.add(TLSBackend(pki, "backend"))   # trusted via ca.pem: 127.0.0.1, localhost
+        e.pooled = lab.add(TLSBackend(pki, "backend"))  # only /reuse/ goes here: counts them
+        e.wrong = lab.add(TLSBackend(pki, "elsewhere"))  # trusted CA, another name's certificate
+        e.rogue = lab.add(TLSBackend(pki, "rogue"))     # a CA nobody trusts
+        e.rogue2 = lab.add(TLSBackend(pki, "rogue"))    # the same, reached with verify = false
+        e.proxy = lab.proxy(lambda ports: config(e, ports))
+        for port in (e.redirect, e.plain, e.tls13, e.cipher, e.chain, e.fullchain):
+            wait_port("127.0.0.1", port, proc=e.proxy.proc)
+        yield e
+
+
+def config(e: Env, ports) -> str:
+    """The proxy's configuration: its listeners' ports (`ports`) are set on `e`."""
     e.tls, e.redirect, e.plain, e.tls13, e.cipher, e.chain, e.fullchain = \
-        (free_port() for _ in range(7))
+        (ports[name] for name in LISTENERS)
     ca = 'ca_file = "ca.pem"'
-    config = f"""
+    return f"""
 [server]
 access_log = "-"
 
@@ -364,13 +360,6 @@ preserve_host = true
   url = "https://127.0.0.1:{e.main.port}/"
   {ca}
 """
-    e.proxy = Proxy(config, pki.dir)
-    for port in (e.redirect, e.plain, e.tls13, e.cipher, e.chain, e.fullchain):
-        wait_port("127.0.0.1", port, proc=e.proxy.proc)
-    yield e
-    e.proxy.stop()
-    for b in (e.main, e.pooled, e.wrong, e.rogue, e.rogue2):
-        b.stop()
 
 
 def test_proxy_starts_clean(env):

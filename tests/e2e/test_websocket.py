@@ -27,14 +27,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-import trustme
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from harness import ROOT, Echo, Proxy, RawBackend, basic_config, free_port
+import clients
+from clients import PKI
+from harness import ROOT, Echo, Lab, Proxy, basic_config, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -50,51 +50,11 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 # processes
 
 
-class WsEcho:
-    """`python -m twistproxy.wsecho [PORT]`: the autobahn echo backend."""
-
-    def __init__(self, port: int = 0):
-        self.proc = subprocess.Popen([sys.executable, "-m", "twistproxy.wsecho", str(port)],
-                                     stdout=subprocess.PIPE, cwd=ROOT)
-        self.port = int(self.proc.stdout.readline())
-        self.url = f"ws://127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
-def stack():
+def lab(tmp_path):
     """Everything started in a test, stopped at its end (last first)."""
-    items: list = []
-    yield items
-    for item in reversed(items):
-        try:
-            item.stop()
-        except Exception:
-            pass
-
-
-def wsecho(stack) -> WsEcho:
-    e = WsEcho()
-    stack.append(e)
-    return e
-
-
-def raw_backend(stack, handler) -> RawBackend:
-    b = RawBackend(handler)
-    stack.append(b)
-    return b
+    with Lab(tmp_path) as lab:
+        yield lab
 
 
 def route(url: str, path: str = "/", **params) -> str:
@@ -103,13 +63,10 @@ def route(url: str, path: str = "/", **params) -> str:
     return f'[[vhost.route]]\npath = "{path}"\nurl = "{url}"\n{extra}\n'
 
 
-def start_proxy(stack, tmp_path: Path, routes: str, server: str = "", extra: str = "",
+def start_proxy(lab: Lab, routes: str, server: str = "", extra: str = "",
                 name: str = "proxy.toml") -> Proxy:
-    port = free_port()
-    p = Proxy(basic_config(routes, port, extra=extra, server=server), tmp_path, name=name)
-    p.port = port
-    stack.append(p)
-    return p
+    return lab.proxy(lambda ports: basic_config(routes, ports[0], extra=extra, server=server),
+                     name=name)
 
 
 def run(coro, timeout: float = 60):
@@ -129,19 +86,9 @@ def connect(url: str, **kw):
     return ws_connect(url, **kw)
 
 
-def access_lines(proxy: Proxy, status: int = 101) -> list[str]:
-    return [ln for ln in proxy.access_log().splitlines() if f'" {status} ' in ln]
-
-
-def wait_access_count(proxy: Proxy, n: int, status: int = 101, timeout: float = 8.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = access_lines(proxy, status)
-        if len(lines) >= n:
-            return lines
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {n} {status} lines in the access log:\n"
-                         f"{proxy.access_log()}")
+def wait_access_count(proxy: Proxy, n: int, status: int = 101) -> list[str]:
+    """The access log's lines for `status` answers, once there are at least `n`."""
+    return proxy.wait_for_access_lines(n, f'" {status} ')
 
 
 # ---------------------------------------------------------------------------
@@ -197,33 +144,8 @@ def headers_named(head: bytes, name: bytes) -> list[bytes]:
     return out
 
 
-class Stream:
-    """A socket with a read buffer: heads, exact byte counts, frames."""
-
-    def __init__(self, sock, buf: bytes = b""):
-        self.sock = sock
-        self.buf = bytearray(buf)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 20)
-        if not data:
-            raise EOFError("connection closed")
-        self.buf += data
-
-    def head(self) -> bytes:
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        i = self.buf.index(b"\r\n\r\n") + 4
-        out = bytes(self.buf[:i])
-        del self.buf[:i]
-        return out
-
-    def exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
+class Stream(clients.Stream):
+    """clients.Stream that reads WebSocket frames too."""
 
     def frame(self) -> tuple[bool, int, bytes]:
         b0, b1 = self.exact(2)
@@ -235,25 +157,6 @@ class Stream:
         key = self.exact(4) if b1 & 0x80 else None
         payload = self.exact(n)
         return bool(b0 & 0x80), b0 & 0x0F, xor(payload, key) if key else payload
-
-    def response(self) -> tuple[int, bytes, bytes]:
-        """An HTTP response with a Content-Length body: (status, head, body)."""
-        head = self.head()
-        status = int(head.split(b" ", 2)[1])
-        n = int(header(head, b"content-length") or 0)
-        return status, head, self.exact(n)
-
-    def until_eof(self) -> bytes:
-        out = bytes(self.buf)
-        self.buf.clear()
-        while True:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                return out
-            out += data
-
-    def sendall(self, data: bytes) -> None:
-        self.sock.sendall(data)
 
 
 def upgrade_request(path: str = "/", key: bytes | None = None, extra: bytes = b"",
@@ -267,11 +170,7 @@ def upgrade_request(path: str = "/", key: bytes | None = None, extra: bytes = b"
 def raw_client(port: int, path: str = "/", after: bytes = b"", rcvbuf: int | None = None,
                timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> tuple[Stream, bytes]:
     """A raw client through its handshake: `after` goes in the same send() as the head."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(timeout)
-    s.connect(("127.0.0.1", port))
+    s = clients.connect(port, timeout=timeout, rcvbuf=rcvbuf)
     if tls is not None:
         s = tls.wrap_socket(s, server_hostname="127.0.0.1")
     req, key = upgrade_request(path)
@@ -299,7 +198,7 @@ class RawWsEcho:
     """A RawBackend echoing every frame as it came (fragmentation kept), answering
     pings, and answering a close with the same code and reason (recorded)."""
 
-    def __init__(self, stack, tls_ctx: ssl.SSLContext | None = None, first: bytes = b"",
+    def __init__(self, lab, tls_ctx: ssl.SSLContext | None = None, first: bytes = b"",
                  extra: bytes = b""):
         self.tls_ctx = tls_ctx
         self.first = first
@@ -307,7 +206,7 @@ class RawWsEcho:
         self.heads: list[bytes] = []
         self.closes: list[tuple[int, str]] = []
         self.lock = threading.Lock()
-        self.raw = raw_backend(stack, self._serve)
+        self.raw = lab.raw(self._serve)
         self.port = self.raw.port
 
     def _serve(self, conn) -> None:
@@ -341,9 +240,9 @@ def text_of(n: int) -> str:
 # messages through a real backend
 
 
-def test_text_and_binary_messages_from_0_bytes_to_16_mib(stack, tmp_path):
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+def test_text_and_binary_messages_from_0_bytes_to_16_mib(lab):
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
     sizes = [0, 1, 125, 126, 127, 65535, 65536, 65537, MiB, 16 * MiB]
 
     async def scenario():
@@ -366,9 +265,9 @@ def test_text_and_binary_messages_from_0_bytes_to_16_mib(stack, tmp_path):
     assert proxy.peak_rss_kib() < RSS_LIMIT_KIB, proxy.peak_rss_kib()
 
 
-def test_fragmented_messages_both_ways(stack, tmp_path):
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+def test_fragmented_messages_both_ways(lab):
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
 
     async def scenario():
         async with connect(f"ws://127.0.0.1:{proxy.port}/") as ws:
@@ -387,8 +286,8 @@ def test_fragmented_messages_both_ways(stack, tmp_path):
     run(scenario())
 
 
-def test_ping_pong_both_ways(stack, tmp_path):
-    echo = wsecho(stack)
+def test_ping_pong_both_ways(lab):
+    echo = lab.wsecho()
 
     def pinging_backend(conn):
         conn.settimeout(10)
@@ -399,8 +298,8 @@ def test_ping_pong_both_ways(stack, tmp_path):
         st.frame()                       # the client's close
         conn.sendall(frame(OP_CLOSE, close_payload(1000)))
 
-    pinger = raw_backend(stack, pinging_backend)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{pinger.port}/", "/pinger")
+    pinger = lab.raw(pinging_backend)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{pinger.port}/", "/pinger")
                         + route(echo.url + "/"))
 
     async def scenario():
@@ -417,10 +316,10 @@ def test_ping_pong_both_ways(stack, tmp_path):
     run(scenario())
 
 
-def test_close_code_and_reason_pass_both_ways(stack, tmp_path):
-    backend = RawWsEcho(stack)
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/", "/raw")
+def test_close_code_and_reason_pass_both_ways(lab):
+    backend = RawWsEcho(lab)
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/", "/raw")
                         + route(echo.url + "/"))
 
     async def scenario():
@@ -445,11 +344,11 @@ def test_close_code_and_reason_pass_both_ways(stack, tmp_path):
     assert backend.closes == [(4000, "client says bye ☃")]
 
 
-def test_wsecho_answers_a_close_with_the_same_code_and_reason(stack, tmp_path):
+def test_wsecho_answers_a_close_with_the_same_code_and_reason(lab):
     """wsecho's own contract ("a close is answered with the same code and reason"),
     directly and through the proxy."""
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
 
     async def close_with(url):
         async with connect(url) as ws:
@@ -518,9 +417,9 @@ print(json.dumps(out))
 '''
 
 
-def test_autobahn_client(stack, tmp_path):
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+def test_autobahn_client(lab, tmp_path):
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
     script = tmp_path / "autobahn_client.py"
     script.write_text(AUTOBAHN_CLIENT)
     done = subprocess.run([sys.executable, str(script), f"ws://127.0.0.1:{proxy.port}/ab"],
@@ -546,10 +445,10 @@ def test_autobahn_client(stack, tmp_path):
 # the tunnel itself: bytes as they are, bytes past the handshake, endings
 
 
-def test_browser_style_connection_header_and_upgrade_token_case(stack, tmp_path):
+def test_browser_style_connection_header_and_upgrade_token_case(lab):
     """Firefox sends `Connection: keep-alive, Upgrade`; tokens are case-insensitive."""
-    backend = RawWsEcho(stack)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    backend = RawWsEcho(lab)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
     key = base64.b64encode(os.urandom(16))
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     s.sendall(b"GET /ff HTTP/1.1\r\nHost: proxy.test\r\nConnection: keep-alive, Upgrade\r\n"
@@ -573,15 +472,14 @@ def test_browser_style_connection_header_and_upgrade_token_case(stack, tmp_path)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls-both-sides"])
-def test_bytes_past_the_handshake_on_both_sides_go_first_and_unchanged(stack, tmp_path,
-                                                                        pki, tls):
+def test_bytes_past_the_handshake_on_both_sides_go_first_and_unchanged(lab, pki, tls):
     seen: dict = {}
     # not even WebSocket: the tunnel must not look at what it carries
     client_bytes = frame(OP_TEXT, b"first frame from the client", masked=True) + \
         frame(OP_TEXT, b"frag ", fin=False, masked=True) + \
         frame(OP_CONT, b"ment", masked=True) + b"\x00\x01 not a frame at all \xff" * 50
     backend_first = frame(OP_TEXT, b"first frame from the backend")
-    bctx = backend_tls(pki) if tls else None
+    bctx = pki.server_context("backend") if tls else None
 
     def handler(conn):
         conn.settimeout(10)
@@ -594,15 +492,15 @@ def test_bytes_past_the_handshake_on_both_sides_go_first_and_unchanged(stack, tm
         conn.sendall(b"echo:" + got)
         seen["eof"] = st.until_eof()
 
-    backend = raw_backend(stack, handler)
+    backend = lab.raw(handler)
     if tls:
         plain, port = free_port(), free_port()
         routes = route(f"wss://127.0.0.1:{backend.port}/", ca_file="ca.pem")
-        stack.append(Proxy(tls_config(plain, port, routes, pki), pki, name="tls-early.toml"))
+        lab.add(Proxy(tls_config(plain, port, routes), pki.dir, name="tls-early.toml"))
     else:
-        port = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/")).port
+        port = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/")).port
     st, head = raw_client(port, "/early", after=client_bytes,    # head + bytes, one send()
-                          tls=client_tls(pki) if tls else None)
+                          tls=pki.client_context() if tls else None)
     assert st.exact(len(backend_first)) == backend_first
     assert st.exact(5 + len(client_bytes)) == b"echo:" + client_bytes
     st.sock.close()
@@ -618,9 +516,9 @@ def test_bytes_past_the_handshake_on_both_sides_go_first_and_unchanged(stack, tm
     assert any(b"upgrade" in v.lower() for v in headers_named(h, b"connection")), h
 
 
-def test_first_backend_frame_sent_with_the_101_reaches_a_real_client(stack, tmp_path):
-    backend = RawWsEcho(stack, first=frame(OP_TEXT, "welcome ☃".encode()))
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+def test_first_backend_frame_sent_with_the_101_reaches_a_real_client(lab):
+    backend = RawWsEcho(lab, first=frame(OP_TEXT, "welcome ☃".encode()))
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
 
     async def scenario():
         async with connect(f"ws://127.0.0.1:{proxy.port}/") as ws:
@@ -630,7 +528,7 @@ def test_first_backend_frame_sent_with_the_101_reaches_a_real_client(stack, tmp_
     run(scenario())
 
 
-def test_client_half_close_is_passed_on(stack, tmp_path):
+def test_client_half_close_is_passed_on(lab):
     """The client's FIN reaches the backend as EOF; what the backend sends afterwards
     still reaches the client, then the backend's close ends the client's connection."""
     seen: dict = {}
@@ -645,8 +543,8 @@ def test_client_half_close_is_passed_on(stack, tmp_path):
         time.sleep(0.2)
         conn.sendall(frame(OP_TEXT, b"and still talking"))
 
-    backend = raw_backend(stack, handler)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    backend = lab.raw(handler)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
     st, _ = raw_client(proxy.port)
     sent = frame(OP_TEXT, b"last words", masked=True) + frame(OP_BINARY, os.urandom(100000),
                                                               masked=True)
@@ -658,7 +556,7 @@ def test_client_half_close_is_passed_on(stack, tmp_path):
     assert seen["got"] == sent
 
 
-def test_backend_half_close_is_passed_on(stack, tmp_path):
+def test_backend_half_close_is_passed_on(lab):
     """The backend's FIN reaches the client as EOF; the client can still send, and its
     bytes reach the backend."""
     seen: dict = {}
@@ -670,8 +568,8 @@ def test_backend_half_close_is_passed_on(stack, tmp_path):
         conn.shutdown(socket.SHUT_WR)
         seen["got"] = st.until_eof()
 
-    backend = raw_backend(stack, handler)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    backend = lab.raw(handler)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
     st, _ = raw_client(proxy.port)
     assert st.frame() == (True, OP_TEXT, b"backend done sending")
     assert st.until_eof() == b"", "the backend's FIN did not reach the client"
@@ -687,7 +585,7 @@ def test_backend_half_close_is_passed_on(stack, tmp_path):
     st.sock.close()
 
 
-def test_client_reset_closes_the_backend(stack, tmp_path):
+def test_client_reset_closes_the_backend(lab):
     seen: dict = {}
 
     def handler(conn):
@@ -696,8 +594,8 @@ def test_client_reset_closes_the_backend(stack, tmp_path):
         seen["got"] = st.until_eof()
         seen["eof_at"] = time.monotonic()
 
-    backend = raw_backend(stack, handler)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    backend = lab.raw(handler)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
     st, _ = raw_client(proxy.port)
     st.sendall(frame(OP_TEXT, b"x", masked=True))
     time.sleep(0.2)
@@ -711,9 +609,9 @@ def test_client_reset_closes_the_backend(stack, tmp_path):
     assert seen["eof_at"] - reset_at < 2
 
 
-def test_backend_dying_closes_the_client(stack, tmp_path):
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+def test_backend_dying_closes_the_client(lab):
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
 
     async def scenario():
         async with connect(f"ws://127.0.0.1:{proxy.port}/") as ws:
@@ -739,7 +637,7 @@ def test_backend_dying_closes_the_client(stack, tmp_path):
 
 @pytest.mark.parametrize("status", [426, 200])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["then", "pipelined"])
-def test_non_101_answer_is_relayed_and_the_connection_stays_http(stack, tmp_path, status,
+def test_non_101_answer_is_relayed_and_the_connection_stays_http(lab, status,
                                                                  pipelined):
     heads: list[bytes] = []
 
@@ -763,20 +661,20 @@ def test_non_101_answer_is_relayed_and_the_connection_stays_http(stack, tmp_path
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
                              % (len(body), body))
 
-    backend = raw_backend(stack, handler)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    backend = lab.raw(handler)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
     req, _ = upgrade_request("/ws")
     follow = b"GET /next HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     st = Stream(s)
     s.sendall(req + follow if pipelined else req)
-    code, head, body = st.response()
-    assert code == status and body == b"no upgrade for you", head
-    assert header(head, b"x-answer") == b"upgrade"
+    r = st.response()
+    assert r.status == status and r.body == b"no upgrade for you", r
+    assert r.header("X-Answer") == "upgrade"
     if not pipelined:
         s.sendall(follow)
-    code, head, body = st.response()
-    assert (code, body) == (200, b"plain answer to /next"), head
+    r = st.response()
+    assert (r.status, r.body) == (200, b"plain answer to /next"), r
     s.close()
     assert heads[0].startswith(b"GET /ws HTTP/1.1") and header(heads[0], b"upgrade")
     assert heads[-1].startswith(b"GET /next HTTP/1.1") and not header(heads[-1], b"upgrade")
@@ -790,7 +688,7 @@ def test_non_101_answer_is_relayed_and_the_connection_stays_http(stack, tmp_path
     run(scenario())
 
 
-def test_101_for_another_protocol_is_a_502(stack, tmp_path):
+def test_101_for_another_protocol_is_a_502(lab):
     def handler(conn):
         conn.settimeout(10)
         st = Stream(conn)
@@ -799,8 +697,8 @@ def test_101_for_another_protocol_is_a_502(stack, tmp_path):
                      b"Connection: Upgrade\r\n\r\n")
         st.until_eof()
 
-    backend = raw_backend(stack, handler)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    backend = lab.raw(handler)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
 
     async def scenario():
         with pytest.raises(InvalidStatus) as info:
@@ -815,30 +713,29 @@ def test_101_for_another_protocol_is_a_502(stack, tmp_path):
     ("http", {"upgrade": "h2c"}, b"websocket"),        # allows another protocol only
     ("ws", {}, b"h2c"),                                # ws:// allows WebSocket only
 ], ids=["http-no-upgrade", "http-upgrade-h2c", "ws-asked-h2c"])
-def test_upgrade_on_a_route_that_does_not_allow_it_is_dropped(stack, tmp_path, url_scheme,
+def test_upgrade_on_a_route_that_does_not_allow_it_is_dropped(lab, url_scheme,
                                                                params, asked):
     echo = Echo("plain")
-    stack.append(echo)
-    proxy = start_proxy(stack, tmp_path,
-                        route(f"{url_scheme}://127.0.0.1:{echo.port}/", **params))
+    lab.add(echo)
+    proxy = start_proxy(lab, route(f"{url_scheme}://127.0.0.1:{echo.port}/", **params))
     key = base64.b64encode(os.urandom(16))
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     st = Stream(s)
     s.sendall(b"GET /plain HTTP/1.1\r\nHost: proxy.test\r\nConnection: keep-alive, Upgrade\r\n"
               b"Upgrade: %s\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
               % (asked, key))
-    code, head, body = st.response()
-    assert code == 200, head
-    seen = json.loads(body)
+    r = st.response()
+    assert r.status == 200, r
+    seen = r.echo
     names = {n.lower(): v for n, v in seen["headers"]}
     assert "upgrade" not in names, seen["headers"]
     assert "upgrade" not in names.get("connection", "").lower(), seen["headers"]
     assert seen["target"] == "/plain"
-    assert not header(head, b"upgrade")
+    assert not r.header("Upgrade")
     # still HTTP on the same connection
     s.sendall(b"GET /again HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
-    code, head, body = st.response()
-    assert code == 200 and json.loads(body)["target"] == "/again", head
+    r = st.response()
+    assert r.status == 200 and r.echo["target"] == "/again", r
     s.close()
 
 
@@ -848,10 +745,10 @@ def test_upgrade_on_a_route_that_does_not_allow_it_is_dropped(stack, tmp_path, u
     ("http", {"upgrade": "WebSocket, h2c"}),
     ("http", {"upgrade": "*"}),
 ], ids=["ws", "http-upgrade-websocket", "http-upgrade-list", "http-upgrade-any"])
-def test_upgrade_forwarded_with_its_headers(stack, tmp_path, url_scheme, params):
-    backend = RawWsEcho(stack, extra=b"Sec-WebSocket-Protocol: chat.v2\r\nX-Backend: raw\r\n")
-    proxy = start_proxy(stack, tmp_path, route(f"{url_scheme}://127.0.0.1:{backend.port}/back/",
-                                               "/chat/", **params))
+def test_upgrade_forwarded_with_its_headers(lab, url_scheme, params):
+    backend = RawWsEcho(lab, extra=b"Sec-WebSocket-Protocol: chat.v2\r\nX-Backend: raw\r\n")
+    proxy = start_proxy(lab, route(f"{url_scheme}://127.0.0.1:{backend.port}/back/",
+                                   "/chat/", **params))
 
     async def scenario():
         async with connect(f"ws://127.0.0.1:{proxy.port}/chat/room?x=1",
@@ -878,11 +775,11 @@ def test_upgrade_forwarded_with_its_headers(stack, tmp_path, url_scheme, params)
 # many at once, and memory
 
 
-def test_tunnels_count_against_max(stack, tmp_path):
+def test_tunnels_count_against_max(lab):
     """A tunnel holds its backend connection: with max = 1 a second upgrade waits
     (then 503 after acquire), and once the tunnel closes the slot is free again."""
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/", max=1, acquire=1))
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/", max=1, acquire=1))
 
     async def scenario():
         first = await connect(f"ws://127.0.0.1:{proxy.port}/1")
@@ -899,9 +796,9 @@ def test_tunnels_count_against_max(stack, tmp_path):
     run(scenario())
 
 
-def test_200_concurrent_connections(stack, tmp_path):
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+def test_200_concurrent_connections(lab):
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
     n_conns, n_msgs = 200, 10
     peak = [0]
 
@@ -933,7 +830,7 @@ def test_200_concurrent_connections(stack, tmp_path):
         (peak[0], proxy.peak_rss_kib())
 
 
-def slow_reader(stack, make_proxy, total: int, tls: ssl.SSLContext | None = None) -> None:
+def slow_reader(lab, make_proxy, total: int, tls: ssl.SSLContext | None = None) -> None:
     """The backend streams without end; the client stops reading: the backend is held
     back (it can only fill the sockets' buffers), then the client reads `total` bytes
     in bursts, and the proxy's memory stays under 64 MiB throughout; the client's close
@@ -950,7 +847,7 @@ def slow_reader(stack, make_proxy, total: int, tls: ssl.SSLContext | None = None
         finally:
             state["ended"] = time.monotonic()
 
-    backend = raw_backend(stack, streamer)
+    backend = lab.raw(streamer)
     proxy, port = make_proxy(backend.port)
     st, _ = raw_client(port, rcvbuf=65536, timeout=20, tls=tls)
     rss = [proxy.rss_kib()]
@@ -998,15 +895,15 @@ def settle(get, quiet: float = 0.5, limit: float = 5.0):
     return last
 
 
-def test_client_that_stops_reading_keeps_proxy_memory_bounded(stack, tmp_path):
+def test_client_that_stops_reading_keeps_proxy_memory_bounded(lab):
     """>= 200 MiB pushed by the backend through a client that reads in bursts."""
     def make_proxy(backend_port):
-        proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend_port}/"))
+        proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend_port}/"))
         return proxy, proxy.port
-    slow_reader(stack, make_proxy, 250 * MiB)
+    slow_reader(lab, make_proxy, 250 * MiB)
 
 
-def test_backend_that_stops_reading_keeps_proxy_memory_bounded(stack, tmp_path):
+def test_backend_that_stops_reading_keeps_proxy_memory_bounded(lab):
     """The other way: the client sends without end, the backend reads nothing for a
     while (the client is held back), then reads 100 MiB; memory stays bounded."""
     state = {"got": 0}
@@ -1025,8 +922,8 @@ def test_backend_that_stops_reading_keeps_proxy_memory_bounded(stack, tmp_path):
             state["got"] += len(data)
         state["done"] = True
 
-    backend = raw_backend(stack, slow_backend)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{backend.port}/"))
+    backend = lab.raw(slow_backend)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{backend.port}/"))
     st, _ = raw_client(proxy.port, timeout=20)
     progress = {"sent": 0}
     block = frame(OP_BINARY, b"\xa5" * 65536, masked=True)
@@ -1066,8 +963,8 @@ def test_backend_that_stops_reading_keeps_proxy_memory_bounded(stack, tmp_path):
 # timeouts and shutdown
 
 
-def test_idle_tunnel_closed_after_tunnel_timeout_active_one_kept(stack, tmp_path):
-    echo = wsecho(stack)
+def test_idle_tunnel_closed_after_tunnel_timeout_active_one_kept(lab):
+    echo = lab.wsecho()
 
     def ticker(conn):
         conn.settimeout(10)
@@ -1077,8 +974,8 @@ def test_idle_tunnel_closed_after_tunnel_timeout_active_one_kept(stack, tmp_path
             time.sleep(0.25)
         time.sleep(0.5)
 
-    tick = raw_backend(stack, ticker)
-    proxy = start_proxy(stack, tmp_path, route(f"ws://127.0.0.1:{tick.port}/", "/tick")
+    tick = lab.raw(ticker)
+    proxy = start_proxy(lab, route(f"ws://127.0.0.1:{tick.port}/", "/tick")
                         + route(echo.url + "/"), server="tunnel_timeout = 1\ntimeout = 30")
 
     async def idle():
@@ -1112,13 +1009,13 @@ def test_idle_tunnel_closed_after_tunnel_timeout_active_one_kept(stack, tmp_path
     proxy.wait_for_log("tunnel idle for 1s")
 
 
-def test_tunnel_not_cut_by_request_timeouts(stack, tmp_path):
+def test_tunnel_not_cut_by_request_timeouts(lab):
     """Request, keep-alive and header timeouts do not apply to a tunnel; tunnel_timeout
     does not apply to a plain request."""
-    echo = wsecho(stack)
+    echo = lab.wsecho()
     plain = Echo("plain")
-    stack.append(plain)
-    proxy = start_proxy(stack, tmp_path, route(plain.url + "/", "/plain/")
+    lab.add(plain)
+    proxy = start_proxy(lab, route(plain.url + "/", "/plain/")
                         + route(echo.url + "/"),
                         server="timeout = 1\nkeepalive_timeout = 1\nheader_timeout = 1\n")
 
@@ -1129,18 +1026,18 @@ def test_tunnel_not_cut_by_request_timeouts(stack, tmp_path):
             assert await asyncio.wait_for(ws.recv(), 5) == "still open"
     run(scenario())
 
-    proxy2 = start_proxy(stack, tmp_path, route(plain.url + "/"),
+    proxy2 = start_proxy(lab, route(plain.url + "/"),
                          server="tunnel_timeout = 0.5\ntimeout = 10", name="proxy2.toml")
     s = socket.create_connection(("127.0.0.1", proxy2.port), timeout=10)
     s.sendall(b"GET /slow HTTP/1.1\r\nHost: proxy.test\r\nX-Echo-Delay: 1.5\r\n\r\n")
-    code, head, body = Stream(s).response()
-    assert code == 200, head
+    r = Stream(s).response()
+    assert r.status == 200, r
     s.close()
 
 
-def test_graceful_stop_waits_for_tunnels_then_closes_them(stack, tmp_path):
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+def test_graceful_stop_waits_for_tunnels_then_closes_them(lab):
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
 
     async def scenario():
         a = await connect(f"ws://127.0.0.1:{proxy.port}/a")
@@ -1166,9 +1063,9 @@ def test_graceful_stop_waits_for_tunnels_then_closes_them(stack, tmp_path):
     assert exited_after <= 15.0, exited_after
 
 
-def test_graceful_stop_exits_as_soon_as_the_last_tunnel_closes(stack, tmp_path):
-    echo = wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route(echo.url + "/"))
+def test_graceful_stop_exits_as_soon_as_the_last_tunnel_closes(lab):
+    echo = lab.wsecho()
+    proxy = start_proxy(lab, route(echo.url + "/"))
 
     async def scenario():
         async with connect(f"ws://127.0.0.1:{proxy.port}/") as ws:
@@ -1192,19 +1089,12 @@ def test_graceful_stop_exits_as_soon_as_the_last_tunnel_closes(stack, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("wspki")
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    for name, ids in (("site", ("127.0.0.1", "localhost", HOST)),
-                      ("backend", ("127.0.0.1", "localhost"))):
-        cert = ca.issue_cert(*ids, common_name=ids[0])
-        cert.cert_chain_pems[0].write_to_path(str(folder / f"{name}.pem"))
-        cert.private_key_pem.write_to_path(str(folder / f"{name}.key"))
-    return folder
+def pki(tmp_path_factory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("wspki")) \
+        .leaf("site", "127.0.0.1", "localhost", HOST).leaf("backend", "127.0.0.1", "localhost")
 
 
-def tls_config(plain_port: int, tls_port: int, routes: str, pki: Path) -> str:
+def tls_config(plain_port: int, tls_port: int, routes: str) -> str:
     return f"""
 [server]
 access_log = "-"
@@ -1224,34 +1114,22 @@ server_name = "{HOST}"
 """
 
 
-def backend_tls(pki: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(pki / "backend.pem"), str(pki / "backend.key"))
-    return ctx
-
-
-def client_tls(pki: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(str(pki / "ca.pem"))
-    return ctx
-
-
-def test_wss_client_through_a_tls_listener(stack, pki):
-    echo = wsecho(stack)
+def test_wss_client_through_a_tls_listener(lab, pki):
+    echo = lab.wsecho()
     plain, tls = free_port(), free_port()
-    doomed = wsecho(stack)
+    doomed = lab.wsecho()
     proxy = Proxy(tls_config(plain, tls, route(doomed.url + "/", "/doomed")
-                             + route(echo.url + "/"), pki), pki, name="tls1.toml")
-    stack.append(proxy)
+                             + route(echo.url + "/")), pki.dir, name="tls1.toml")
+    lab.add(proxy)
 
     async def scenario():
-        async with connect(f"wss://127.0.0.1:{tls}/doomed", ssl=client_tls(pki)) as ws:
+        async with connect(f"wss://127.0.0.1:{tls}/doomed", ssl=pki.client_context()) as ws:
             await ws.send("before")
             assert await ws.recv() == "before"
             doomed.kill()                        # the backend dies: the client sees it
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 5)
-        async with connect(f"wss://127.0.0.1:{tls}/secure", ssl=client_tls(pki)) as ws:
+        async with connect(f"wss://127.0.0.1:{tls}/secure", ssl=pki.client_context()) as ws:
             for n in (0, 5, 70000, 4 * MiB):
                 data = os.urandom(n)
                 await ws.send(data)
@@ -1269,28 +1147,28 @@ def test_wss_client_through_a_tls_listener(stack, pki):
     assert '"GET /secure HTTP/1.1" 101' in line, line
 
 
-def test_wss_client_that_stops_reading_keeps_proxy_memory_bounded(stack, pki):
+def test_wss_client_that_stops_reading_keeps_proxy_memory_bounded(lab, pki):
     """The slow reader again, through a TLS listener: 100 MiB."""
     def make_proxy(backend_port):
         plain, tls = free_port(), free_port()
-        proxy = Proxy(tls_config(plain, tls, route(f"ws://127.0.0.1:{backend_port}/"), pki),
-                      pki, name="tls-slow.toml")
-        stack.append(proxy)
+        proxy = Proxy(tls_config(plain, tls, route(f"ws://127.0.0.1:{backend_port}/")),
+                      pki.dir, name="tls-slow.toml")
+        lab.add(proxy)
         return proxy, tls
-    slow_reader(stack, make_proxy, 100 * MiB, tls=client_tls(pki))
+    slow_reader(lab, make_proxy, 100 * MiB, tls=pki.client_context())
 
 
-def test_wss_client_through_a_sticky_balancer(stack, pki):
-    m1, m2 = wsecho(stack), wsecho(stack)
+def test_wss_client_through_a_sticky_balancer(lab, pki):
+    m1, m2 = lab.wsecho(), lab.wsecho()
     plain, tls = free_port(), free_port()
-    config = tls_config(plain, tls, route("balancer://ws/"), pki) + \
+    config = tls_config(plain, tls, route("balancer://ws/")) + \
         BALANCER.format(scheme="ws", p1=m1.port, p2=m2.port, params="")
-    proxy = Proxy(config, pki, name="tls-balancer.toml")
-    stack.append(proxy)
+    proxy = Proxy(config, pki.dir, name="tls-balancer.toml")
+    lab.add(proxy)
 
     async def scenario():
         for i in range(4):
-            async with connect(f"wss://127.0.0.1:{tls}/t{i}", ssl=client_tls(pki),
+            async with connect(f"wss://127.0.0.1:{tls}/t{i}", ssl=pki.client_context(),
                                additional_headers={"Cookie": "ROUTEID=abc.m2"}) as ws:
                 data = os.urandom(100000)
                 await ws.send(data)
@@ -1301,16 +1179,16 @@ def test_wss_client_through_a_sticky_balancer(stack, pki):
         [f"balancer://ws|ws://127.0.0.1:{m2.port}|m2"] * 4
 
 
-def test_wss_backend(stack, pki):
-    backend = RawWsEcho(stack, tls_ctx=backend_tls(pki))
+def test_wss_backend(lab, pki):
+    backend = RawWsEcho(lab, tls_ctx=pki.server_context("backend"))
     plain, tls = free_port(), free_port()
     routes = route(f"wss://127.0.0.1:{backend.port}/", ca_file="ca.pem")
-    proxy = Proxy(tls_config(plain, tls, routes, pki), pki, name="tls2.toml")
-    stack.append(proxy)
+    proxy = Proxy(tls_config(plain, tls, routes), pki.dir, name="tls2.toml")
+    lab.add(proxy)
 
     async def scenario():
         for url, kw in ((f"ws://127.0.0.1:{plain}/", {}),
-                        (f"wss://127.0.0.1:{tls}/", {"ssl": client_tls(pki)})):
+                        (f"wss://127.0.0.1:{tls}/", {"ssl": pki.client_context()})):
             async with connect(url, **kw) as ws:
                 await ws.send("hello wss backend")
                 assert await ws.recv() == "hello wss backend"
@@ -1348,9 +1226,9 @@ sticky_cookie = {{ name = "ROUTEID", path = "/" }}
 
 @pytest.mark.parametrize("scheme,params", [("ws", ""), ("http", 'upgrade = "websocket"')],
                          ids=["ws-members", "http-members-upgrade"])
-def test_balancer_with_sticky_sessions(stack, tmp_path, scheme, params):
-    m1, m2 = wsecho(stack), wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route("balancer://ws/"),
+def test_balancer_with_sticky_sessions(lab, scheme, params):
+    m1, m2 = lab.wsecho(), lab.wsecho()
+    proxy = start_proxy(lab, route("balancer://ws/"),
                         extra=BALANCER.format(scheme=scheme, p1=m1.port, p2=m2.port,
                                               params=params))
 
@@ -1381,9 +1259,9 @@ def test_balancer_with_sticky_sessions(stack, tmp_path, scheme, params):
     assert {member_of(f"/free-{i}") for i in range(4)} == {name1, name2}
 
 
-def test_balancer_sticky_member_down_fails_over(stack, tmp_path):
-    m1, m2 = wsecho(stack), wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route("balancer://ws/"),
+def test_balancer_sticky_member_down_fails_over(lab):
+    m1, m2 = lab.wsecho(), lab.wsecho()
+    proxy = start_proxy(lab, route("balancer://ws/"),
                         extra=BALANCER.format(scheme="ws", p1=m1.port, p2=m2.port,
                                               params=""))
     m2.kill()
@@ -1398,13 +1276,13 @@ def test_balancer_sticky_member_down_fails_over(stack, tmp_path):
     assert line.endswith(f"balancer://ws|ws://127.0.0.1:{m1.port}|m1"), line
 
 
-def test_balancer_new_session_gets_the_sticky_cookie_with_the_101(stack, tmp_path):
+def test_balancer_new_session_gets_the_sticky_cookie_with_the_101(lab):
     """A WebSocket that names no route is given one like any response (sticky_cookie:
     "when the proxy picks a member with a route for a request that named none ... it
     sets NAME=.ROUTE"; RFC 6455 4.1: cookies in the handshake response are processed),
     and a client that keeps it stays on that member."""
-    m1, m2 = wsecho(stack), wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route("balancer://ws/"),
+    m1, m2 = lab.wsecho(), lab.wsecho()
+    proxy = start_proxy(lab, route("balancer://ws/"),
                         extra=BALANCER.format(scheme="ws", p1=m1.port, p2=m2.port,
                                               params=""))
 
@@ -1420,11 +1298,11 @@ def test_balancer_new_session_gets_the_sticky_cookie_with_the_101(stack, tmp_pat
     assert cookies == [f"ROUTEID=.{route_id}; Path=/"], cookies
 
 
-def test_bybusyness_counts_open_tunnels(stack, tmp_path):
+def test_bybusyness_counts_open_tunnels(lab):
     """An open tunnel keeps its member busy (as in Apache, where the request lasts as
     long as the tunnel): with one tunnel open on m1, new ones go to m2."""
-    m1, m2 = wsecho(stack), wsecho(stack)
-    proxy = start_proxy(stack, tmp_path, route("balancer://ws/"),
+    m1, m2 = lab.wsecho(), lab.wsecho()
+    proxy = start_proxy(lab, route("balancer://ws/"),
                         extra=BALANCER.format(scheme="ws", p1=m1.port, p2=m2.port,
                                               params="").replace(
                             'stickysession = "ROUTEID"', 'lbmethod = "bybusyness"'))

@@ -55,6 +55,15 @@ class RequestFlow:
 
 
 class BackendConnection(Protocol):
+
+    # slots, not a dict: past 30 attributes CPython's instance dicts lose their fast path
+    __slots__ = ("_close_delimited", "_complete_pending", "_done", "_field_limit",
+                 "_head_bytes", "_head_limit", "_head_method", "_headers", "_in_body",
+                 "_interim", "_line", "_parser_ready", "_read", "_reason", "_switching",
+                 "_trailers", "_write", "connected_ok", "deadline", "exchange",
+                 "got_bytes", "idle_since", "offers_connection_auth", "parser", "paused",
+                 "pool", "reusable", "sni", "tunnel", "upgrade_requested", "uses")
+
     def __init__(self, pool):
         self.pool = pool
         self.tunnel = None          # once a 101 made this connection a byte tunnel

@@ -138,6 +138,14 @@ class _ResponseFlow:
 class ClientConnection(Protocol):
     """Server side of one client connection. `ctx` supplies dispatch, limits, clock."""
 
+    # slots, not a dict: past 30 attributes CPython's instance dicts lose their fast path
+    __slots__ = ("_blank", "_corked", "_data", "_head_bytes", "_last", "_linger_end",
+                 "_timer", "_timer_kind", "_upgrade_buf", "_write", "closing", "ctx",
+                 "cur", "lingering", "listen", "listen_key", "local_port", "parser",
+                 "paused", "peer_ip", "pinned", "queue", "read_closed",
+                 "requests_served", "scheme", "tunnel", "upgrading", "write_closed",
+                 "writes_paused")
+
     def __init__(self, ctx, listen_key: str, scheme: bytes = b"http"):
         self.ctx = ctx
         self.listen_key = listen_key
