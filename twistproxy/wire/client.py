@@ -143,7 +143,8 @@ class ClientConnection(Protocol):
                  "_timer", "_timer_kind", "_upgrade_buf", "_write", "closing", "ctx",
                  "cur", "lingering", "listen", "listen_key", "local_port", "parser",
                  "paused", "peer_ip", "pinned", "queue", "read_closed",
-                 "requests_served", "scheme", "tunnel", "upgrading", "write_closed",
+                 "requests_served", "scheme", "tls_pending", "tunnel", "upgrading",
+                 "write_closed",
                  "writes_paused")
 
     def __init__(self, ctx, listen_key: str, scheme: bytes = b"http"):
