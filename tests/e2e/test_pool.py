@@ -350,17 +350,16 @@ def test_ping_unanswered_moves_an_idempotent_request_to_a_fresh_connection(lab):
     p = lab.proxy(route("/", b.url + "/", ping=0.5, timeout=10))
     c = HTTPClient(p.port)
     assert c.call("PUT", "/one", body=b"first").status == 200
-    r, took = timed(c.call, "PUT", "/two", body=b"second body")
+    r = c.call("PUT", "/two", body=b"second body")
     assert r.status == 200, r
     assert r.conn == 2
-    assert 0.45 <= took < 3.0, took
     attempts = [x for x in b.tracker.requests if x.target == "/two"]
     assert [x.cid for x in attempts] == [1, 2]
     assert attempts[0].body is None and attempts[0].header("expect") is not None
     assert attempts[1].body == b"second body"
     assert b.tracker.wires[1].buf == b"", "the held-back body reached the silent backend"
-    assert 1 in b.tracker.closed
-    assert p.log_lines(RETRY_LINE, "ping")
+    assert b.tracker.wait(lambda: 1 in b.tracker.closed, 5.0), "the silent one was kept"
+    assert p.log_lines(RETRY_LINE, "ping")     # moved because the ping went unanswered
 
 
 def test_ping_unanswered_post_is_503_and_never_sent_again(lab):
