@@ -38,7 +38,8 @@ def load_htpasswd(path: str, where: str, config_path: str) -> dict[str, str]:
     return users
 
 
-def _check(password: str, hashed: str) -> bool:
+def check_password(password: str, hashed: str) -> bool:
+    """Whether `password` matches an htpasswd entry's hash (slow for bcrypt)."""
     if hashed.startswith("{SHA}"):
         digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
         return hmac.compare_digest(digest, hashed[5:])
@@ -106,7 +107,7 @@ class ForwardAccess:
     def verify(self, user: str, password: str) -> bool:
         """Slow for bcrypt entries: run it off the reactor thread."""
         hashed = self.users.get(user) if self.users else None
-        return hashed is not None and _check(password, hashed)
+        return hashed is not None and check_password(password, hashed)
 
     def remember(self, value: bytes, user: str) -> None:
         if len(self._ok_cache) > 1024:
