@@ -397,6 +397,16 @@ class _Loader:
             raise self.fail(where, value, "must be a string or a list of strings")
         return tuple(value)
 
+    def networks(self, w: str, value: Any) -> tuple[str, ...]:
+        """Client networks: addresses or CIDR networks."""
+        nets = self.strings(w, value)
+        for i, n in enumerate(nets):
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise self.fail(f"{w}[{i}]", n, "is not an address or network (CIDR)") from None
+        return nets
+
     def regex(self, where: str, value: Any) -> str:
         self.string(where, value)
         try:
@@ -454,13 +464,7 @@ class _Loader:
                                     "the admin listener never shares a port with proxied "
                                     "traffic (use a route with handler = "
                                     "\"balancer-manager\" for that)")
-        allow = self.strings(f"{w}.allow", raw.get("allow", list(d.allow)))
-        for i, n in enumerate(allow):
-            try:
-                ipaddress.ip_network(n, strict=False)
-            except ValueError:
-                raise self.fail(f"{w}.allow[{i}]", n,
-                                "is not an address or network (CIDR)") from None
+        allow = self.networks(f"{w}.allow", raw.get("allow", list(d.allow)))
         auth = ()
         if "auth" in raw:
             aw = f"{w}.auth"
@@ -655,14 +659,7 @@ class _Loader:
             if key in raw:
                 out[key] = tuple(p.lower() for p in self.strings(f"{w}.{key}", raw[key]))
         if "proxy_allow" in raw:
-            nets = self.strings(f"{w}.proxy_allow", raw["proxy_allow"])
-            for i, n in enumerate(nets):
-                try:
-                    ipaddress.ip_network(n, strict=False)
-                except ValueError:
-                    raise self.fail(f"{w}.proxy_allow[{i}]", n,
-                                    "is not an address or network (CIDR)") from None
-            out["proxy_allow"] = tuple(nets)
+            out["proxy_allow"] = self.networks(f"{w}.proxy_allow", raw["proxy_allow"])
         if "proxy_auth" in raw:
             aw = f"{w}.proxy_auth"
             a = self.table(aw, raw["proxy_auth"], ("file", "realm"), required=("file",))

@@ -178,35 +178,31 @@ def test_a_post_that_changes_nothing_answers_200(farm):
     assert mgr.members() == before
 
 
-REFUSALS = [
-    ("no-nonce", lambda m: ({"b": "farm", "w_status_D": "1"}, "self"), 403, b"nonce"),
-    ("wrong-nonce", lambda m: ({"b": "farm", "nonce": "guess", "w_status_D": "1"}, "self"),
-     403, b"nonce"),
-    ("foreign-referer", lambda m: ({"b": "farm", "nonce": m.nonce(), "w_status_D": "1"},
-                                   "http://evil.example/page"), 403, b"Referer"),
-    ("no-referer", lambda m: ({"b": "farm", "nonce": m.nonce(), "w_status_D": "1"}, None),
-     403, b"Referer"),
-    ("lf-out-of-range", lambda m: ({"b": "farm", "nonce": m.nonce(), "w_status_D": "1",
-                                    "w_lf": "500"}, "self"), 400, b"w_lf"),
-    ("lbset-out-of-range", lambda m: ({"b": "farm", "nonce": m.nonce(), "w_ls": "100"},
-                                      "self"), 400, b"w_ls"),
-    ("status-not-0-or-1", lambda m: ({"b": "farm", "nonce": m.nonce(), "w_status_D": "2"},
-                                     "self"), 400, b"w_status_D"),
-    ("unknown-field", lambda m: ({"b": "farm", "nonce": m.nonce(), "w_status_D": "1",
-                                  "w_color": "red"}, "self"), 400, b"w_color"),
-    ("unknown-lbmethod", lambda m: ({"b": "farm", "nonce": m.nonce(), "b_lbm": "random"},
-                                    "self"), 400, b"b_lbm"),
-    ("timeout-out-of-range", lambda m: ({"b": "farm", "nonce": m.nonce(), "b_tmo": "9000"},
-                                        "self"), 400, b"b_tmo"),
+def form(**fields):
+    """A refused form: the nonce read from the page unless `nonce` is given."""
+    return lambda m: {"b": "farm", "nonce": m.nonce(), **fields}
+
+
+REFUSALS = [   # (id, form, Referer, status, what the message names)
+    ("no-nonce", lambda m: {"b": "farm", "w_status_D": "1"}, "self", 403, b"nonce"),
+    ("wrong-nonce", form(nonce="guess", w_status_D="1"), "self", 403, b"nonce"),
+    ("foreign-referer", form(w_status_D="1"), "http://evil.example/page", 403, b"Referer"),
+    ("no-referer", form(w_status_D="1"), None, 403, b"Referer"),
+    ("lf-out-of-range", form(w_status_D="1", w_lf="500"), "self", 400, b"w_lf"),
+    ("lbset-out-of-range", form(w_ls="100"), "self", 400, b"w_ls"),
+    ("status-not-0-or-1", form(w_status_D="2"), "self", 400, b"w_status_D"),
+    ("unknown-field", form(w_status_D="1", w_color="red"), "self", 400, b"w_color"),
+    ("unknown-lbmethod", form(b_lbm="random"), "self", 400, b"b_lbm"),
+    ("timeout-out-of-range", form(b_tmo="9000"), "self", 400, b"b_tmo"),
 ]
 
 
-@pytest.mark.parametrize("make, status, named", [r[1:] for r in REFUSALS],
+@pytest.mark.parametrize("make, referer, status, named", [r[1:] for r in REFUSALS],
                          ids=[r[0] for r in REFUSALS])
-def test_refused_post_changes_nothing(farm, make, status, named):
+def test_refused_post_changes_nothing(farm, make, referer, status, named):
     proxy, mgr, _ = farm
     before = mgr.state()["balancers"][0]
-    fields, referer = make(mgr)
+    fields = make(mgr)
     if "w_status_D" in fields or "w_lf" in fields or "w_ls" in fields:
         fields["w"] = mgr.member_url("a")
     r = mgr.post(fields, referer=referer)

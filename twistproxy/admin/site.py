@@ -11,8 +11,6 @@ proxy's (service.py); nothing here runs for proxied requests.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import fnmatch
 import ipaddress
 import time
@@ -30,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.template import tags
 from zope.interface import implementer
 
-from ..access import check_password, load_htpasswd
+from ..access import BasicUsers, basic_credentials, in_networks, load_htpasswd
 from ..config import AdminConfig
 from ..runtime.state import changes_text
 from . import persist
@@ -41,7 +39,7 @@ log = Logger(namespace="twistproxy.admin")
 MAX_FORM = 64 * 1024          # a POSTed form larger than this is refused (413)
 
 
-class Admin:
+class Admin(BasicUsers):
     """What every admin page shares, on the admin listener and on vhost routes."""
 
     def __init__(self, ctx, config: AdminConfig | None, started: float | None = None):
@@ -51,9 +49,8 @@ class Admin:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in self.config.allow]
         auth = dict(self.config.auth)
         self.realm = auth.get("realm", "twistproxy admin")
-        self.users = load_htpasswd(auth["file"], "admin.auth.file", ctx.config.path) \
-            if auth else None
-        self._ok_cache: dict[bytes, str] = {}      # Authorization value -> user, once checked
+        super().__init__(load_htpasswd(auth["file"], "admin.auth.file", ctx.config.path)
+                         if auth else None)
         self.nonces = {name: str(uuid.uuid4()) for name in ctx.runtime.balancers}
         self.state_file = self.config.state_file
         self.persisted = bool(self.state_file)
@@ -106,13 +103,7 @@ class Admin:
     # -- who may ask ----------------------------------------------------------------------
 
     def client_allowed(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%")[0])
-        except ValueError:
-            return False
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks)
+        return in_networks(ip, self.networks)
 
     def host_allowed(self, host: str, names: tuple[str, ...]) -> bool:
         """An IP literal, localhost, admin.server_name, or a name of the vhost the page
@@ -146,29 +137,6 @@ class Admin:
                            f"is not a page of this admin host ({host})"
                 return None
         return "Referer (or Origin) is missing: changes come from the manager's own page"
-
-    def credentials(self, value: bytes | None):
-        if not value:
-            return None
-        scheme, _, token = value.strip().partition(b" ")
-        if scheme.lower() != b"basic":
-            return None
-        try:
-            user, sep, password = base64.b64decode(token.strip(), validate=True) \
-                .decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return (user, password) if sep else None
-
-    def verify(self, user: str, password: str) -> bool:
-        """Slow for bcrypt entries: run it off the reactor thread."""
-        hashed = self.users.get(user) if self.users else None
-        return hashed is not None and check_password(password, hashed)
-
-    def remember(self, value: bytes, user: str) -> None:
-        if len(self._ok_cache) > 1024:
-            self._ok_cache.clear()
-        self._ok_cache[value] = user
 
     # -- sites --------------------------------------------------------------------------
 
@@ -243,11 +211,11 @@ class Guard(Resource):
             return self._page(request)
         value = request.getHeader(b"authorization")
         value = value.encode("latin-1") if isinstance(value, str) else value
-        user = admin._ok_cache.get(value) if value else None
+        user = admin.known(value) if value else None
         if user is not None:
             request.admin_user = user
             return self._page(request)
-        creds = admin.credentials(value)
+        creds = basic_credentials(value) if value else None
         if creds is None:
             return self._challenge(request)
         d = deferToThread(admin.verify, *creds)
