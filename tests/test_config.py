@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from twistproxy import config
-from twistproxy.config import (BackendURL, BalancerConfig, Config, ConfigError, HeaderAction,
+from twistproxy.config import (AdminConfig, BackendURL, BalancerConfig, Config, ConfigError, HeaderAction,
                                ListenConfig, MemberConfig, RouteConfig, ServerConfig,
                                VhostConfig, WorkerParams)
 
@@ -92,7 +92,7 @@ ERRORS = [
     E(doc(top="vhosts = 1\n"), "vhosts", None, "unknown key (did you mean 'vhost'?)",
       id="unknown-top-level-vhosts"),
     E(doc(top="zzz = 1\n"), "zzz", None,
-      "unknown key (known keys: server, listen, vhost, balancer)", id="unknown-top-no-hint"),
+      "unknown key (known keys: server, listen, vhost, balancer, admin)", id="unknown-top-no-hint"),
     E(doc(top='balancer = "abc"\n'), "balancer", "'abc'", "must be a table",
       id="balancer-not-table"),
     E(doc(top="[[balancer]]\nx = 1\n"), "balancer", None, "must be a table",
@@ -1117,6 +1117,7 @@ def _schema_keys() -> dict[str, set[str]]:
         "balancer": set(BalancerConfig.__dataclass_fields__) - {"name", "members"} | {"member"},
         "member": set(MemberConfig.__dataclass_fields__) - {"worker"} | worker,
         "sticky_cookie": {"name", "path"},
+        "admin": set(AdminConfig.__dataclass_fields__),
     }
 
 

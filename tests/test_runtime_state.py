@@ -136,3 +136,78 @@ def test_errors_are_ignored_with_status_i():
     n1 = rt.member("farm", "n1")
     rt.apply([Edit("farm", "status.I", 1, member="n1")], source="manager")
     assert rt.mark_error(n1, 0.0, "refused") is False and "E" not in n1.flags
+
+
+# -- members added at runtime (the manager's b_nwrkr) and the state file ------------------
+
+def test_added_member_starts_disabled_and_takes_a_growth_slot():
+    rt = runtime(params="growth = 1")
+    seen = recorder(rt)
+    (c,) = rt.apply([Edit("farm", "add_member", "http://10.0.0.3:8103")], source="manager",
+                    who="127.0.0.1 -")
+    assert (c.field, c.member, c.new) == ("add_member", "http://10.0.0.3:8103",
+                                          "http://10.0.0.3:8103")
+    m = rt.member("farm", "http://10.0.0.3:8103")
+    assert "D" in m.flags and not m.usable() and seen == [[c]]
+    with pytest.raises(Invalid, match="needs a free slot"):
+        rt.apply([Edit("farm", "add_member", "http://10.0.0.4:8104")], source="manager")
+    assert len(rt.balancer("farm").members) == 3
+
+
+@pytest.mark.parametrize("url, why", [("http://10.0.0.1:8101/", "already a member"),
+                                      ("ftp://10.0.0.5/", "is not an http"),
+                                      ("http://10.0.0.5:8105", "needs a free slot")])
+def test_add_member_refused_changes_nothing(url, why):
+    rt = runtime(params="growth = 0" if "slot" in why else "growth = 3")
+    seen = recorder(rt)
+    with pytest.raises(Invalid, match=why):
+        rt.apply([Edit("farm", "loadfactor", 5, member="n1"), Edit("farm", "add_member", url)],
+                 source="manager")
+    assert len(rt.balancer("farm").members) == 2 and seen == []
+    assert rt.member("farm", "n1").lbfactor == 100
+
+
+def test_two_adds_in_one_batch_count_against_growth_together():
+    rt = runtime(params="growth = 1")
+    with pytest.raises(Invalid, match="needs a free slot"):
+        rt.apply([Edit("farm", "add_member", "http://10.0.0.3:1"),
+                  Edit("farm", "add_member", "http://10.0.0.4:1")], source="manager")
+    assert len(rt.balancer("farm").members) == 2
+
+
+def test_state_file_round_trip_restores_manager_changes(tmp_path):
+    from twistproxy.admin import persist
+    rt = runtime(params="growth = 2")
+    rt.apply([Edit("farm", "status.N", 1, member="n1"), Edit("farm", "loadfactor", 7, member="n2"),
+              Edit("farm", "lbmethod", "bybusyness"), Edit("farm", "add_member", "http://10.0.0.9:1")],
+             source="manager")
+    rt.apply([Edit("farm", "lbset", 3, member="http://10.0.0.9:1")], source="manager")
+    path = str(tmp_path / "state.json")
+    persist.save(path, rt)
+    assert not [p for p in tmp_path.iterdir() if p.name != "state.json"]   # no temp left
+    fresh = runtime(params="growth = 2")
+    seen = recorder(fresh)
+    n, why = persist.restore(path, fresh)
+    assert why is None and n == 5
+    assert {c.source for batch in seen for c in batch} == {"state-file"}
+    assert fresh.member("farm", "n1").flags == {"N"}
+    assert fresh.member("farm", "n2").lbfactor == 700
+    assert fresh.balancer("farm").lbmethod == "bybusyness"
+    added = fresh.member("farm", "http://10.0.0.9:1")
+    assert added.flags == {"D"} and added.lbset == 3
+
+
+@pytest.mark.parametrize("member, fields, why", [
+    ("http://10.9.9.9:1", '{"loadfactor": 3}', "no longer in the configuration"),
+    ("http://10.0.0.1:8101/", '{"loadfactor": 300}', "loadfactor"),
+], ids=["member-no-longer-configured", "value-out-of-range"])
+def test_state_file_that_no_longer_matches_is_ignored_whole(tmp_path, member, fields, why):
+    from twistproxy.admin import persist
+    path = tmp_path / "state.json"
+    path.write_text('{"version": 1, "balancers": {"farm": {"settings": {"lbmethod": '
+                    f'"bytraffic"}}, "added": [], "members": {{"{member}": {fields}}}}}}}}}')
+    rt = runtime()
+    seen = recorder(rt)
+    n, reason = persist.restore(str(path), rt)
+    assert n == 0 and why in reason
+    assert rt.balancer("farm").lbmethod == "byrequests" and seen == []

@@ -38,7 +38,8 @@ def load_htpasswd(path: str, where: str, config_path: str) -> dict[str, str]:
     return users
 
 
-def _check(password: str, hashed: str) -> bool:
+def check_password(password: str, hashed: str) -> bool:
+    """Whether `password` matches an htpasswd entry's hash (slow for bcrypt)."""
     if hashed.startswith("{SHA}"):
         digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
         return hmac.compare_digest(digest, hashed[5:])
@@ -49,7 +50,53 @@ def _check(password: str, hashed: str) -> bool:
         return False
 
 
-class ForwardAccess:
+def in_networks(ip: str, networks) -> bool:
+    """Whether a client address (IPv4-mapped IPv6 counts as IPv4) is in one of them."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+def basic_credentials(value: bytes) -> tuple[str, str] | None:
+    """(user, password) from a Basic (Proxy-)Authorization value, or None."""
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        user, sep, password = base64.b64decode(token.strip(), validate=True) \
+            .decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+class BasicUsers:
+    """htpasswd users, and the header values already checked (bcrypt is slow)."""
+
+    def __init__(self, users: dict[str, str] | None):
+        self.users = users
+        self._ok_cache: dict[bytes, str] = {}     # header value -> user, once checked
+
+    def known(self, value: bytes) -> str | None:
+        """A header value already checked: its user (bcrypt is slow on purpose)."""
+        return self._ok_cache.get(value)
+
+    def verify(self, user: str, password: str) -> bool:
+        """Slow for bcrypt entries: run it off the reactor thread."""
+        hashed = self.users.get(user) if self.users else None
+        return hashed is not None and check_password(password, hashed)
+
+    def remember(self, value: bytes, user: str) -> None:
+        if len(self._ok_cache) > 1024:
+            self._ok_cache.clear()
+        self._ok_cache[value] = user
+
+
+class ForwardAccess(BasicUsers):
     def __init__(self, vhost: VhostConfig, where: str, config_path: str):
         self.networks = [ipaddress.ip_network(n, strict=False) for n in vhost.proxy_allow]
         self.ports = vhost.allow_connect
@@ -57,18 +104,11 @@ class ForwardAccess:
         self.deny = vhost.connect_deny
         auth = dict(vhost.proxy_auth)
         self.realm = auth.get("realm", "twistproxy")
-        self.users = load_htpasswd(auth["file"], f"{where}.proxy_auth.file", config_path) \
-            if auth else None
-        self._ok_cache: dict[bytes, str] = {}     # header value -> user, once checked
+        super().__init__(load_htpasswd(auth["file"], f"{where}.proxy_auth.file",
+                                       config_path) if auth else None)
 
     def client_allowed(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip.split("%")[0])
-        except ValueError:
-            return False
-        if addr.version == 6 and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks)
+        return in_networks(ip, self.networks)
 
     def port_allowed(self, port: int) -> bool:
         return any(lo <= port <= hi for lo, hi in self.ports)
@@ -88,30 +128,9 @@ class ForwardAccess:
         for name, value in headers:
             if name.lower() != b"proxy-authorization":
                 continue
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() != b"basic":
-                return None
-            try:
-                user, sep, password = base64.b64decode(token.strip(), validate=True) \
-                    .decode("utf-8").partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            return (user, password, value) if sep else None
+            creds = basic_credentials(value)
+            return (*creds, value) if creds else None
         return None
-
-    def known(self, value: bytes) -> str | None:
-        """A header value already checked: its user (bcrypt is slow on purpose)."""
-        return self._ok_cache.get(value)
-
-    def verify(self, user: str, password: str) -> bool:
-        """Slow for bcrypt entries: run it off the reactor thread."""
-        hashed = self.users.get(user) if self.users else None
-        return hashed is not None and _check(password, hashed)
-
-    def remember(self, value: bytes, user: str) -> None:
-        if len(self._ok_cache) > 1024:
-            self._ok_cache.clear()
-        self._ok_cache[value] = user
 
     def challenge(self) -> tuple[bytes, bytes]:
         return (b"Proxy-Authenticate",

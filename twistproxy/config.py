@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "ConfigError", "Config", "ServerConfig", "ListenConfig", "VhostConfig",
     "RouteConfig", "HeaderAction", "WorkerParams", "BalancerConfig", "MemberConfig",
-    "BackendURL", "load", "loads",
+    "BackendURL", "AdminConfig", "HANDLERS", "load", "loads", "member_url",
 ]
 
 
@@ -106,6 +106,7 @@ class RouteConfig:
     response_headers: tuple[HeaderAction, ...] = ()
     worker: WorkerParams = WorkerParams()
     where: str = ""      # key path, for log lines ("vhost[0].route[2]")
+    handler: str = ""    # served here, not proxied: one of HANDLERS (Apache's SetHandler)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class BalancerConfig:
     failontimeout: bool = False
     forcerecovery: bool = True
     sticky_cookie: tuple[tuple[str, str], ...] = ()
+    growth: int = 0      # members the manager may add at runtime (Apache's growth=)
     members: tuple[MemberConfig, ...] = ()
 
 
@@ -212,6 +214,29 @@ class ServerConfig:
     busy_poll: int = 100                # microseconds at most; 0: off (reactor.py)
 
 
+# what a route's `handler` may name: Apache's SetHandler names of the admin pages
+HANDLERS = ("balancer-manager", "server-status", "metrics")
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """[admin]: the admin listener (only when `port` is given) and the rules for every
+    admin page, on that listener or on a vhost route with a `handler`."""
+    address: str = "127.0.0.1"
+    port: int | None = None
+    allow: tuple[str, ...] = LOOPBACK       # client networks
+    auth: tuple[tuple[str, str], ...] = ()  # (("file", PATH), ("realm", NAME))
+    tls: TLSConfig | None = None
+    server_name: tuple[str, ...] = ()       # DNS names the admin pages may be reached by
+    state_file: str = ""                    # Apache's BalancerPersist
+
+    @property
+    def listen(self) -> ListenConfig | None:
+        """The admin listener as a ListenConfig (bound like the proxy's), if any."""
+        return None if self.port is None else ListenConfig(self.address, self.port, self.tls)
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -219,6 +244,7 @@ class Config:
     listeners: tuple[ListenConfig, ...]
     vhosts: tuple[VhostConfig, ...]
     balancers: dict[str, BalancerConfig] = field(default_factory=dict)
+    admin: AdminConfig | None = None        # None: no [admin] table (no admin listener)
 
     def summary(self) -> str:
         routes = sum(len(v.routes) for v in self.vhosts)
@@ -252,6 +278,15 @@ def loads(text: str, path: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return _Loader(path).config(data)
+
+
+def member_url(value: str, where: str = "b_nwrkr") -> BackendURL:
+    """A member URL given at runtime (the manager's b_nwrkr), checked as in the file;
+    otherwise ValueError saying what is wrong with it (without the value)."""
+    try:
+        return _Loader("").backend_url(where, value, {}, balancer_ok=False)
+    except ConfigError as e:
+        raise ValueError(str(e).removeprefix(f": {where}: {_show(value)} ")) from None
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -362,6 +397,16 @@ class _Loader:
             raise self.fail(where, value, "must be a string or a list of strings")
         return tuple(value)
 
+    def networks(self, w: str, value: Any) -> tuple[str, ...]:
+        """Client networks: addresses or CIDR networks."""
+        nets = self.strings(w, value)
+        for i, n in enumerate(nets):
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise self.fail(f"{w}[{i}]", n, "is not an address or network (CIDR)") from None
+        return nets
+
     def regex(self, where: str, value: Any) -> str:
         self.string(where, value)
         try:
@@ -373,7 +418,7 @@ class _Loader:
     # -- the document --------------------------------------------------------
 
     def config(self, data: dict) -> Config:
-        self.table("(top level)", data, ("server", "listen", "vhost", "balancer"),
+        self.table("(top level)", data, ("server", "listen", "vhost", "balancer", "admin"),
                    required=("listen", "vhost"))
         server = self.server(data.get("server", {}))
         listeners = tuple(self.listener(f"listen[{i}]", v)
@@ -394,7 +439,49 @@ class _Loader:
             if not any(not v.listen or l.key in v.listen for v in vhosts):
                 raise self.fail(f"listen[{i}]", l.key, "is served by no [[vhost]] "
                                 "(every vhost's 'listen' leaves it out)")
-        return Config(self.path, server, listeners, vhosts, balancers)
+        admin = self.admin(data["admin"], listeners) if "admin" in data else None
+        return Config(self.path, server, listeners, vhosts, balancers, admin)
+
+    def admin(self, raw: Any, listeners) -> AdminConfig:
+        w = "admin"
+        raw = self.table(w, raw, ("address", "port", "allow", "auth", "tls", "server_name",
+                                  "state_file"))
+        d = AdminConfig()
+        address = self.string(f"{w}.address", raw.get("address", d.address)).strip()
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise self.fail(f"{w}.address", address, "is not an IP address (one IPv4 or "
+                            "IPv6 address; host names are not resolved)") from None
+        port = self.integer(f"{w}.port", raw["port"], 1, 65535) if "port" in raw else None
+        if port is not None:
+            key = listen_key(address, port)
+            for i, l in enumerate(listeners):
+                if l.port == port and (l.key == key or _is_wildcard(l.address)
+                                       or _is_wildcard(address)) \
+                        and _same_family_or_star(l.address, address):
+                    raise self.fail(f"{w}.port", port, f"is taken by listen[{i}] ({l.key}): "
+                                    "the admin listener never shares a port with proxied "
+                                    "traffic (use a route with handler = "
+                                    "\"balancer-manager\" for that)")
+        allow = self.networks(f"{w}.allow", raw.get("allow", list(d.allow)))
+        auth = ()
+        if "auth" in raw:
+            aw = f"{w}.auth"
+            a = self.table(aw, raw["auth"], ("file", "realm"), required=("file",))
+            auth = (("file", self.file(f"{aw}.file", a["file"])),
+                    ("realm", self.string(f"{aw}.realm", a.get("realm", "twistproxy admin"))))
+        tls = None
+        if "tls" in raw:
+            if port is None:
+                raise self.fail(f"{w}.tls", "{...}", "needs admin.port (TLS is for the "
+                                "admin listener)")
+            tls = self.tls(w, raw["tls"], [])
+        names = tuple(self.hostname(f"{w}.server_name[{i}]", n, wildcard=False)
+                      for i, n in enumerate(self.strings(f"{w}.server_name",
+                                                         raw.get("server_name", []))))
+        state = self.file(f"{w}.state_file", raw["state_file"]) if "state_file" in raw else ""
+        return AdminConfig(address, port, allow, auth, tls, names, state)
 
     def server(self, raw: Any) -> ServerConfig:
         w = "server"
@@ -572,14 +659,7 @@ class _Loader:
             if key in raw:
                 out[key] = tuple(p.lower() for p in self.strings(f"{w}.{key}", raw[key]))
         if "proxy_allow" in raw:
-            nets = self.strings(f"{w}.proxy_allow", raw["proxy_allow"])
-            for i, n in enumerate(nets):
-                try:
-                    ipaddress.ip_network(n, strict=False)
-                except ValueError:
-                    raise self.fail(f"{w}.proxy_allow[{i}]", n,
-                                    "is not an address or network (CIDR)") from None
-            out["proxy_allow"] = tuple(nets)
+            out["proxy_allow"] = self.networks(f"{w}.proxy_allow", raw["proxy_allow"])
         if "proxy_auth" in raw:
             aw = f"{w}.proxy_auth"
             a = self.table(aw, raw["proxy_auth"], ("file", "realm"), required=("file",))
@@ -637,8 +717,10 @@ class _Loader:
     def route(self, w: str, raw: Any, balancers) -> RouteConfig:
         allowed = ("path", "regex", "url", "exclude", "reverse", "match_headers",
                    "cookie_domain", "cookie_path", "request_headers", "response_headers",
-                   *_WORKER_KEYS)
+                   "handler", *_WORKER_KEYS)
         raw = self.table(w, raw, allowed)
+        if "handler" in raw:
+            return self.handler_route(w, raw)
         if ("path" in raw) == ("regex" in raw):
             raise ConfigError(f"{self.path}: {w}: needs exactly one of 'path' or 'regex'")
         path = regex = None
@@ -690,6 +772,20 @@ class _Loader:
             worker=self.worker(w, raw),
             where=w,
         )
+
+    def handler_route(self, w: str, raw: dict) -> RouteConfig:
+        """A route served by an admin page (Apache's <Location> + SetHandler)."""
+        handler = self.choice(f"{w}.handler", raw["handler"], HANDLERS)
+        for key in raw:
+            if key not in ("path", "handler"):
+                raise self.fail(f"{w}.{key}", raw[key], f"makes no sense with handler = "
+                                f"\"{handler}\" (only 'path' goes with it)")
+        if "path" not in raw:
+            raise ConfigError(f"{self.path}: {w}: needs 'path' with handler = \"{handler}\"")
+        path = self.string(f"{w}.path", raw["path"])
+        if not path.startswith("/"):
+            raise self.fail(f"{w}.path", path, "must start with '/'")
+        return RouteConfig(path=path, where=w, handler=handler)
 
     def mapping(self, w: str, raw: Any, paths: bool = False) -> tuple[tuple[str, str], ...]:
         raw = self.table(w, raw, tuple(raw) if isinstance(raw, dict) else ())
@@ -831,6 +927,7 @@ class _Loader:
             failontimeout=self.boolean(f"{w}.failontimeout", raw.get("failontimeout", False)),
             forcerecovery=self.boolean(f"{w}.forcerecovery", raw.get("forcerecovery", True)),
             sticky_cookie=cookie,
+            growth=self.integer(f"{w}.growth", raw.get("growth", 0), 0, 100),
             members=members,
         )
 

@@ -20,6 +20,10 @@ access_log = "-"
 address = "{address}"
 port = {port}
 
+[admin]                          # balancer-manager, server-status, metrics: loopback only
+address = "127.0.0.1"
+port = {admin}
+
 [[vhost]]
 server_name = "localhost"
 response_headers = [{{ action = "set", name = "X-Content-Type-Options", value = "nosniff", always = true }}]
@@ -39,6 +43,7 @@ response_headers = [{{ action = "set", name = "X-Content-Type-Options", value = 
 
 [balancer.apps]
 lbmethod = "byrequests"
+growth = 1                       # the manager may add one member
 stickysession = "ROUTEID"
 sticky_cookie = {{ name = "ROUTEID", path = "/" }}
 
@@ -63,6 +68,14 @@ def _python() -> str:
     return shlex.quote(path)
 
 
+def _free_port() -> int:
+    """A loopback port free now, for the demo's admin listener."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_demo(listen: str, log_level: str, start_logging, run_service) -> int:
     from twisted.internet import reactor
 
@@ -74,8 +87,9 @@ def run_demo(listen: str, log_level: str, start_logging, run_service) -> int:
                 for name in ("app1", "app2")]
     ports = [b.getHost().port for b in backends]
     ws = reactor.listenTCP(0, wsecho.factory(), interface="127.0.0.1").getHost().port
+    admin = _free_port()
     text = DEMO_TOML.format(address=address, port=port, app1=ports[0], app2=ports[1],
-                            wsecho=ws)
+                            wsecho=ws, admin=admin)
     try:
         config = loads(text, "<demo>")
         service = build_service(config, reactor)
@@ -86,6 +100,10 @@ def run_demo(listen: str, log_level: str, start_logging, run_service) -> int:
     base = f"http://{shown}"
     print(f"""twistproxy demo: proxy on {base}, backends app1 on 127.0.0.1:{ports[0]} and \
 app2 on 127.0.0.1:{ports[1]}, a WebSocket echo on 127.0.0.1:{ws}.
+Admin (127.0.0.1 only):
+  balancer-manager  http://127.0.0.1:{admin}/balancer-manager   (drain, disable, weigh members)
+  server-status     http://127.0.0.1:{admin}/server-status
+  metrics           http://127.0.0.1:{admin}/metrics
 Try:
   curl -s {base}/hello                        # balanced: app1 and app2 take turns
   curl -s {base}/hello                        # ... see "server" in the JSON
@@ -93,6 +111,7 @@ Try:
   curl -s {base}/app1/some/path?q=1           # path route straight to app1 (/some/path)
   curl -s -X POST --data-binary @/etc/hostname {base}/upload
   {_python()} -m twistproxy.wsclient {base.replace("http", "ws")}/ws   # type a line, it echoes back
+  curl -s 'http://127.0.0.1:{admin}/balancer-manager?xml=1'   # members as Apache's manager lists them
 Every request is logged below (Combined Log Format + microseconds + backend).
 Configuration in use:
 {text}

@@ -65,6 +65,8 @@ class ProxyContext:
                                              f"balancer.{name}.member[{i}]", member=True)
                 if m.config.hcmethod != "NONE":
                     self.health_checks.append(HealthCheck(reactor, self.runtime, m))
+        self.runtime.subscribe(self._members_added)
+        self.admin = None       # admin.site.Admin, for routes with a `handler`
         self.connections: set = set()
         self.listeners = {listen.key: ListenerCounters() for listen in config.listeners}
         self.stopping = False
@@ -95,6 +97,16 @@ class ProxyContext:
             else:
                 entries.append((route.url.origin + route.url.path, route.path))
         return entries
+
+    def _members_added(self, changes) -> None:
+        """A member added at runtime (the manager's b_nwrkr) gets its worker here."""
+        for c in changes:
+            if c.field == "add_member":
+                bal = self.runtime.balancer(c.balancer)
+                m = self.runtime.member(c.balancer, c.member)
+                m.pool = self.workers.define(m.config.url, m.config.worker,
+                                             f"balancer.{c.balancer}.member[{len(bal.members) - 1}]",
+                                             member=True)
 
     @property
     def pools(self) -> list[Pool]:
@@ -155,6 +167,8 @@ class ProxyContext:
             return
         if rt.balancer is not None:
             return self._dispatch_balanced(conn, req, rt, target_bytes)
+        if pool is None:             # handler = "balancer-manager" and the like
+            return self.admin.serve(conn, req, rt.route.handler)
         ReverseExchange(self, conn, req, rt, target_bytes, pool, rt.backend_name).start()
 
     def _route(self, conn, req, raw_path: bytes, query: bytes | None, key):
@@ -180,7 +194,7 @@ class ProxyContext:
             return self.reject(conn, req, 404, "no route")
         rt = self.routes[match.route.where]
         target = match.target.encode("latin-1")
-        routed = (rt, target, rt.pool_for(target) if rt.balancer is None else None)
+        routed = (rt, target, rt.pool_for(target) if rt.pool is not None else None)
         if len(req.target) <= 512 and not self.router.reads_headers(vhost):
             if len(self._routed) >= _ROUTED_MAX:
                 self._routed.clear()    # targets are client-chosen: bounded

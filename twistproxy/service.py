@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ConfigError
-from .listeners import BindError, BoundSocket, bind_all
+from .listeners import BindError, BoundSocket, bind_all, bind_one
 from .proxy import ProxyContext
 from .tls import check_files, listener_factory
 from .wire.client import ClientFactory
@@ -32,7 +32,7 @@ class StartupError(Exception):
 
 class ProxyService(MultiService):
     def __init__(self, config: Config, bound: list[BoundSocket], access_log: AccessLog | None,
-                 reactor=None, tls: dict | None = None):
+                 reactor=None, tls: dict | None = None, admin_bound: BoundSocket | None = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -42,13 +42,22 @@ class ProxyService(MultiService):
         self.tls = tls or {}             # listener key -> its ServerTLS contexts
         self.access_log = access_log
         self.ctx = ProxyContext(config, reactor, access_log)
+        self.admin_bound = admin_bound   # the admin listener's socket, if [admin] has a port
+        self.admin = None
+        if config.admin is not None or any(r.handler for v in config.vhosts for r in v.routes):
+            from .admin.site import Admin
+            self.admin = self.ctx.admin = Admin(self.ctx, config.admin)
         self.ports = []
         self._flusher = None
         self._sweeper = None
 
     def addresses(self) -> dict[str, int]:
-        """Listener key -> the port actually bound (useful with port 0 in tests)."""
-        return {b.listen.key: b.port for b in self.bound}
+        """Listener key -> the port actually bound (useful with port 0 in tests); the
+        admin listener's is under "admin"."""
+        out = {b.listen.key: b.port for b in self.bound}
+        if self.admin_bound is not None:
+            out["admin"] = self.admin_bound.port
+        return out
 
     def startService(self):
         super().startService()
@@ -76,6 +85,10 @@ class ProxyService(MultiService):
             b.sock.close()       # the reactor holds its own duplicate
             log.info("listening on {key}", key=b.listen.key if b.listen.port else
                      f"{b.listen.address}:{b.port}")
+        if self.admin is not None:
+            self.admin.restore()             # the state file, before any request
+        if self.admin_bound is not None:
+            self._start_admin(self.admin_bound)
         for check in self.ctx.health_checks:
             check.start()
         if any(p.ttl is not None for p in self.ctx.pools) or self.ctx.forward_gates:
@@ -88,6 +101,18 @@ class ProxyService(MultiService):
             self._flusher = task.LoopingCall(self.access_log.flush)
             self._flusher.clock = self.reactor
             self._flusher.start(1.0, now=False)
+
+    def _start_admin(self, b: BoundSocket) -> None:
+        factory = self.admin.listener_site()
+        tls = self.tls.get("admin")
+        if tls is not None:
+            factory = listener_factory(tls, factory)
+        self.ports.append(self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory))
+        b.sock.close()
+        scheme = "https" if tls is not None else "http"
+        log.info("admin listener on {scheme}://{key}/ ({pages})", scheme=scheme,
+                 key=b.listen.key if b.listen.port else f"{b.listen.address}:{b.port}",
+                 pages=", ".join(self.admin.pages))
 
     def _sweep(self):
         for pool in self.ctx.pools:
@@ -125,23 +150,35 @@ def build_service(config: Config, reactor=None) -> ProxyService:
     """Check certificates, bind every listener and open the access log, or raise
     ConfigError / StartupError: nothing is bound when a certificate is wrong."""
     tls = check_files(config)                 # or ConfigError, before any bind
+    admin_listen = config.admin.listen if config.admin is not None else None
     try:
         bound = bind_all(config.listeners)
     except BindError as e:
         raise StartupError(str(e)) from None
+    admin_bound = None
+    if admin_listen is not None:
+        try:
+            admin_bound = bind_one(admin_listen)
+        except BindError as e:
+            for b in bound:
+                b.sock.close()
+            raise StartupError(f"admin: {e}") from None
+        bound_all = bound + [admin_bound]
+    else:
+        bound_all = bound
     access_log = None
     target = config.server.access_log
     if target:
         try:
             access_log = AccessLog(target)
         except OSError as e:
-            for b in bound:
+            for b in bound_all:
                 b.sock.close()
             raise StartupError(f"{config.path}: server.access_log: {target!r} cannot be "
                                f"opened: {e.strerror or e}") from None
     try:
-        return ProxyService(config, bound, access_log, reactor, tls)
+        return ProxyService(config, bound, access_log, reactor, tls, admin_bound)
     except ConfigError:
-        for b in bound:
+        for b in bound_all:
             b.sock.close()
         raise

@@ -202,6 +202,9 @@ def check_files(config) -> dict:
     (ConfigError otherwise); returns the listeners' ServerTLS by listener key."""
     servers = {l.key: ServerTLS(l.tls, config.path) for l in config.listeners
                if l.tls is not None}
+    admin = getattr(config, "admin", None)
+    if admin is not None and admin.tls is not None:
+        servers["admin"] = ServerTLS(admin.tls, config.path)     # the admin listener's
     params = [(r.worker, r.where) for v in config.vhosts for r in v.routes
               if r.url is not None]
     params += [(m.worker, f"balancer.{name}.member[{i}]")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 from ..balancer.group import Balancer, Member
+from ..config import MemberConfig, member_url
 
 LBMETHODS = ("byrequests", "bytraffic", "bybusyness")
 # flags an operator may set or clear, as Apache's manager offers them (w_status_X)
@@ -29,7 +30,8 @@ class Edit:
     """One field to set: on a member when `member` is given, else on the balancer.
     Member fields: loadfactor, lbset, route, redirect, status.X (X in IDHRSN, and
     E and C for health and failover). Balancer fields: lbmethod, timeout,
-    maxattempts, nofailover, stickysession."""
+    maxattempts, nofailover, stickysession, and add_member (value: the new member's
+    URL; it starts disabled, within the balancer's `growth` slots)."""
     balancer: str
     field: str
     value: Any
@@ -97,15 +99,25 @@ class Runtime:
         """Validate every edit, then apply them all (or raise Invalid, changing
         nothing). Edits that set what is already there are not changes."""
         plan = []
+        adding: dict[str, list[str]] = {}       # balancer -> members added by this batch
         for e in edits:
             target = self.member(e.balancer, e.member) if e.member is not None \
                 else self.balancer(e.balancer)
+            if e.field == "add_member" and e.member is None:
+                value = _check_add(target, e.value, adding.setdefault(target.name, []))
+                plan.append((e, target, None, value))
+                continue
             value = _check(target, e.field, e.value)
             old = _get(target, e.field)
             if old != value:
                 plan.append((e, target, old, value))
         changes = []
         for e, target, old, value in plan:
+            if e.field == "add_member" and e.member is None:
+                member = target.add_member(value)
+                changes.append(Change(e.balancer, member.name, "add_member", None,
+                                      value.url.raw, source, who))
+                continue
             _set(target, e.field, value, now)
             changes.append(Change(e.balancer, target.name if e.member is not None else None,
                                   e.field, old, value, source, who))
@@ -169,7 +181,7 @@ def _check(target, field: str, value: Any) -> Any:
             raise Invalid(field, value, f"must be one of {', '.join(LBMETHODS)}")
         return value
     if field == "timeout":
-        return _number(field, value, 0, 3600)
+        return _number(field, value, 0, 7200)
     if field == "maxattempts":
         return int(_number(field, value, 0, 1000, integer=True))
     if field == "nofailover":
@@ -180,6 +192,25 @@ def _check(target, field: str, value: Any) -> Any:
             raise Invalid(field, value, "must be NAME or COOKIE|PARAM")
         return value
     raise Invalid(field, value, "is not a balancer field")
+
+
+def _check_add(b: Balancer, value: Any, batch: list[str]) -> MemberConfig:
+    """A member to add: a new http(s)/ws(s) URL, within the balancer's growth slots
+    (those this batch takes included). It starts disabled, as in Apache."""
+    field = "add_member"
+    try:
+        url = member_url(_text(field, value), field)
+    except ValueError as e:
+        raise Invalid(field, value, str(e)) from None
+    name = url.origin + url.path.rstrip("/")
+    if find_member(b, url.raw) is not None or name in batch:
+        raise Invalid(field, value, f"is already a member of balancer://{b.name}")
+    added = len(b.members) - len(b.config.members) + len(batch)
+    if added >= b.config.growth:
+        raise Invalid(field, value, f"needs a free slot: balancer://{b.name} has growth "
+                      f"{b.config.growth} and {added} member(s) added already")
+    batch.append(name)
+    return MemberConfig(url, status="D")
 
 
 def _number(field: str, value: Any, low: float, high: float, integer: bool = False) -> float:
