@@ -15,7 +15,6 @@ driver's path is given and its statistics are off.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -33,11 +32,13 @@ from harness import Lab
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
+MISSING = [f"{path} (Debian's {package})" for path, package in
+           ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")) if not path.is_file()]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason="the browser test needs "
+                                + " and ".join(MISSING) + ": apt-get install chromium "
+                                "chromium-driver")
 
-if CHROMIUM.is_file() and CHROMEDRIVER.is_file():
+if not MISSING:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -298,7 +299,7 @@ FOREIGN_PAGE = """<!DOCTYPE html>
 
 def test_a_form_on_a_foreign_origin_submitted_by_the_browser_changes_nothing(
         farm, browser, tmp_path):
-    proxy, a, b = farm
+    proxy, a, _ = farm
     admin_port = proxy.ports["admin"]
     manager = f"http://127.0.0.1:{admin_port}/balancer-manager"
     before = members(admin_port)
@@ -313,8 +314,8 @@ def test_a_form_on_a_foreign_origin_submitted_by_the_browser_changes_nothing(
     try:
         for form, refusal in (("no-nonce", "nonce: missing"),
                               ("stale-nonce", "nonce: missing"),
-                              ("leaked-nonce", f"Origin: '{foreign.url}' is not a page "
-                                               "of this admin host")):
+                              ("leaked-nonce", (f"Origin: '{foreign.url}' is not a "
+                                                "page of this admin host"))):
             browser.get(f"{foreign.url}/prize.html")
             button = wait(browser).until(EC.element_to_be_clickable(
                 (By.CSS_SELECTOR, f"form#{form} input[type=submit]")))
@@ -322,7 +323,7 @@ def test_a_form_on_a_foreign_origin_submitted_by_the_browser_changes_nothing(
             wait(browser).until(EC.staleness_of(button))
             body = wait(browser).until(
                 EC.presence_of_element_located((By.TAG_NAME, "body")))
-            wait(browser).until(lambda d: "nothing was changed" in body.text)
+            wait(browser).until(lambda d, body=body: "nothing was changed" in body.text)
             assert browser.current_url == manager, form
             assert refusal in body.text and "nothing was changed" in body.text, \
                 (form, body.text)
