@@ -72,12 +72,14 @@ def browser(tmp_path, monkeypatch):
                  "--window-size=1280,1024", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     service = Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=options)
     try:
-        driver.set_page_load_timeout(PAGE_LOAD)
-        yield driver
+        driver = webdriver.Chrome(service=service, options=options)
+        try:
+            driver.set_page_load_timeout(PAGE_LOAD)
+            yield driver
+        finally:
+            driver.quit()
     finally:
-        driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
 
 
