@@ -178,6 +178,18 @@ def test_a_post_that_changes_nothing_answers_200(farm):
     assert mgr.members() == before
 
 
+def test_balancer_form_sent_back_unchanged_changes_nothing(farm):
+    """The form shows the derived failover attempts (members - 1): sent back as it
+    was, that must not pin the default to a number."""
+    proxy, mgr, _ = farm
+    b = mgr.state()["balancers"][0]
+    r = mgr.post({"b": "farm", "nonce": b["nonce"], "b_lbm": b["lbmethod"],
+                  "b_tmo": "0", "b_max": str(b["maxattempts"]), "b_sforce": "0",
+                  "b_ss": "ROUTEID"})
+    assert r.status == 200, r.body
+    assert not proxy.log_lines("manager: "), "an unchanged form made a change"
+
+
 def form(**fields):
     """A refused form: the nonce read from the page unless `nonce` is given."""
     return lambda m: {"b": "farm", "nonce": m.nonce(), **fields}

@@ -239,6 +239,9 @@ class BalancerManager(Resource):
             elif key in BALANCER_FIELDS:
                 if key == "b_max":
                     self._whole(key, value, 0, 99)
+                    b = self.ctx.runtime.balancer(name)
+                    if b.maxattempts is None and int(value) == max_attempts(b):
+                        continue       # the derived default the form shows, posted back
                 elif key == "b_sforce" and value not in ("0", "1"):
                     raise Refused(400, f"{key}: {value!r} must be 0 or 1; nothing was changed")
                 elif key == "b_ss" and value.strip() == "-":
