@@ -360,3 +360,46 @@ def test_admin_port_equal_to_a_proxy_port_is_a_config_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "twistproxy.cli", "check", str(path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and f"admin.port: {port} is taken by listen[0]" in r.stderr
+
+
+def test_admin_over_tls_serves_the_manager_and_refuses_plain_http(lab, tmp_path):
+    """[admin] tls uses the listeners' TLS code: a client that trusts the CA reads the
+    page and changes a member over HTTPS; plain HTTP on that port gets no page."""
+    import http.client
+    import json
+
+    from clients import PKI
+
+    pki = PKI(tmp_path).leaf("admin", "localhost", "127.0.0.1")
+    a, b = lab.echos("a", "b")
+    tls = f'tls = {{ cert = "{pki.path("admin.pem")}", key = "{pki.path("admin.key")}" }}'
+    proxy = lab.proxy(lambda ports: config(ports, [("a", a.url), ("b", b.url)], admin=tls))
+    port = proxy.ports["admin"]
+
+    def https(method: str, path: str, body: bytes | None = None, headers=None):
+        c = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                        context=pki.client_context())
+        try:
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            return r.status, r.read()
+        finally:
+            c.close()
+
+    status, page = https("GET", "/balancer-manager?format=json")
+    assert status == 200
+    state = json.loads(page)["balancers"][0]
+    member = next(m["name"] for m in state["members"] if m["route"] == "a")
+    status, _ = https("POST", "/balancer-manager",
+                      urlencode({"b": "farm", "w": member, "nonce": state["nonce"],
+                                 "w_status_N": "1"}).encode(),
+                      {"Content-Type": "application/x-www-form-urlencoded",
+                       "Referer": f"https://127.0.0.1:{port}/balancer-manager"})
+    assert status == 200
+    assert spread(proxy.port, 6) == Counter(b=6)
+    try:
+        r = fetch(port, "/balancer-manager", host=f"127.0.0.1:{port}", timeout=5)
+    except (OSError, http.client.HTTPException):
+        pass                          # the TLS port hung up on plain HTTP
+    else:
+        assert r.status != 200 and b"LoadBalancer" not in r.body, "served without TLS"
