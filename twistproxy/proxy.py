@@ -210,14 +210,10 @@ class ProxyContext:
         choice = attempt.first(conn.pinned, now)
         member = choice.member
         if member is None:
-            wait = bal.timeout
-            if wait and not choice.sticky_route and conn.transport.connected:
-                # balancer timeout: poll for a usable member before giving up
-                until = waited_until if waited_until is not None else now + wait
-                if now < until:
-                    self.reactor.callLater(max(wait / 100, 0.01), self._dispatch_balanced,
-                                           conn, req, rt, target, until)
-                    return
+            if conn.transport.connected and attempt.poll(
+                    choice, now, waited_until, self.reactor.callLater,
+                    lambda until: self._dispatch_balanced(conn, req, rt, target, until)):
+                return
             why = (f"sticky route {choice.sticky_route!r} is unavailable and nofailover is on"
                    if choice.sticky_route else "no usable member")
             bal.outage.failed(rt.where, f"balancer://{bal.name}", why, 503)

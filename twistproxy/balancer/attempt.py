@@ -2,7 +2,8 @@
 
 Owns the per-request work the reverse and WebSocket handlers need from a balancer:
 the first choice (a connection pinned by NTLM/Negotiate stays on its member; else
-sticky route, else lbmethod), the balancer `timeout` polling for a usable member,
+sticky route, else lbmethod), the balancer `timeout` polling for a usable member
+(the timer comes in from the caller),
 failing over to another member within `maxattempts`, and, when the request is done
 with a member, its accounting (busy, bytes, responses, errors) and putting it in
 error state through the runtime. The choice itself is group.Balancer's (pure).
@@ -53,6 +54,20 @@ class Attempt:
             choice = bal.choose(self.url, self.cookie, now)
         self._took(choice)
         return choice
+
+    def poll(self, choice: Choice, now: float, until: float | None, call_later,
+             again) -> bool:
+        """No usable member: with a balancer `timeout`, look again every timeout/100
+        until it has passed (`again(until)` runs the dispatch anew). True when a poll
+        was scheduled; never for a sticky request with nofailover."""
+        wait = self.balancer.timeout
+        if not wait or choice.sticky_route:
+            return False
+        until = until if until is not None else now + wait
+        if now >= until:
+            return False
+        call_later(max(wait / 100, 0.01), again, until)
+        return True
 
     def next(self, now: float, why: str) -> Member | None:
         """Another member after a failure, while maxattempts allows."""
