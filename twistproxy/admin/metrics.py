@@ -277,6 +277,12 @@ class Metrics(Resource):
 
     isLeaf = True
 
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            from .site import not_allowed
+            return not_allowed(request, (b"GET", b"HEAD"))
+        return super().render(request)
+
     def __init__(self, ctx, started: float | None = None):
         super().__init__()
         self.registry = registry_for(ctx, started)

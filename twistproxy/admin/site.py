@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IConsumer, ITransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.template import tags
@@ -177,6 +178,14 @@ def _netloc(scheme: str, netloc: str) -> str:
     return netloc[:-len(default)] if default and netloc.endswith(default) else netloc
 
 
+def not_allowed(request, allowed) -> bytes:
+    """Our own 405 with Allow (twisted.web's default page is deprecated and unescaped)."""
+    allow = b", ".join(allowed)
+    request.setHeader(b"Allow", allow)
+    return _text(request, 405, f"{request.method.decode('latin-1')} is not allowed here "
+                               f"(allowed: {allow.decode()})")
+
+
 def _text(request, status: int, message: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -245,7 +254,10 @@ class Guard(Resource):
 
     def _page(self, request):
         page = getChildForRequest(self.inner, request) if self.traverse else self.inner
-        return page.render(request)
+        try:
+            return page.render(request)
+        except UnsupportedMethod as e:
+            return not_allowed(request, e.allowedMethods)
 
 
 class Index(Resource):

@@ -247,6 +247,12 @@ class ServerStatus(Resource):
 
     isLeaf = True
 
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            from .site import not_allowed
+            return not_allowed(request, (b"GET", b"HEAD"))
+        return super().render(request)
+
     def __init__(self, ctx, started: float):
         super().__init__()
         self.ctx = ctx
