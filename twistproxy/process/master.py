@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import struct
 import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from .. import __version__
 
 log = Logger(namespace="twistproxy")
+
+_WORKER_LINE = re.compile(r"^(\w+) (\S+) (worker \d+: .*)$", re.S)
+_LEVELS = {lvl.name: lvl for lvl in LogLevel.iterconstants()}
 
 QUICK_DEATH = 2.0        # seconds: a worker dying sooner than this "died at once"
 BACKOFF_FIRST = 0.5      # first delay before replacing a worker that died at once
@@ -50,6 +54,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.pid = None
         self.started = 0.0
         self.ended = defer.Deferred()
+        self._err = b""
 
     def connectionMade(self):
         self.pid = self.transport.pid
@@ -59,8 +64,18 @@ class WorkerProtocol(protocol.ProcessProtocol):
         blob = pickle.dumps(self.master.config)
         self.transport.writeToChild(0, struct.pack("!I", len(blob)) + blob)
 
+    def childDataReceived(self, fd, data):
+        if fd != 2:
+            return
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            self.master.relay(self.index, line.decode("utf-8", "replace"))
+
     def childConnectionLost(self, fd):
-        pass
+        if fd == 2 and self._err:
+            self.master.relay(self.index, self._err.decode("utf-8", "replace"))
+            self._err = b""
 
     def processEnded(self, reason):
         self.master._ended(self, reason)
@@ -81,9 +96,22 @@ class MasterService(Service):
         self.stopping = False
         self._quick: dict[int, int] = {}       # slot -> deaths at once in a row
         self._pending: dict[int, object] = {}  # slot -> the delayed replacement
+        self._loggers: dict[str, Logger] = {}
 
     def addresses(self) -> dict[str, int]:
         return {b.listen.key: b.port for b in self.bound}
+
+    def relay(self, index: int, line: str) -> None:
+        """A line a worker wrote on stderr, logged by the master: `LEVEL NAMESPACE
+        TEXT` from its log observer (process/worker.py), or anything else (a crash's
+        traceback, say) as a warning under its worker's number."""
+        m = _WORKER_LINE.match(line)
+        if m and m.group(1) in _LEVELS:
+            ns = m.group(2)
+            logger = self._loggers.get(ns) or self._loggers.setdefault(ns, Logger(namespace=ns))
+            logger.emit(_LEVELS[m.group(1)], "{line}", line=m.group(3))
+        elif line.strip():
+            log.warn("worker {index}: {line}", index=index, line=line)
 
     def startService(self):
         super().startService()
@@ -99,7 +127,7 @@ class MasterService(Service):
         self._pending.pop(index, None)
         if self.stopping:
             return
-        fds = {0: "w", 1: 1, 2: 2}
+        fds = {0: "w", 1: 1, 2: "r"}     # stderr: the worker's log lines, relayed
         n = 3
         listen_fds = []
         for b in self.bound:

@@ -64,17 +64,20 @@ class MasterWatch:
 
 
 def _start_logging(level: str, index: int) -> None:
+    """Log events as `LEVEL NAMESPACE worker I: TEXT` lines on stderr, a pipe the master
+    reads and logs through its own observers (a file under twistd, stderr with
+    `twistproxy run`), so worker lines land where the master's do, timestamped once."""
     from twisted.logger import (FileLogObserver, FilteringLogObserver, LogLevel,
-                                LogLevelFilterPredicate, formatEventAsClassicLogText,
-                                globalLogBeginner)
-    prefix = f"worker {index}: "
+                                LogLevelFilterPredicate, formatEvent, globalLogBeginner)
 
     def fmt(event):
-        text = formatEventAsClassicLogText(event)
-        if text is None:
-            return None
-        head, sep, rest = text.partition("] ")
-        return head + sep + prefix + rest if sep else prefix + text
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}".rstrip("\n")
+        lvl = event.get("log_level")
+        ns = event.get("log_namespace") or "-"
+        return f"{lvl.name if lvl else 'info'} {ns} worker {index}: {text}\n"
 
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     observer = FilteringLogObserver(FileLogObserver(sys.stderr, fmt), [predicate])
