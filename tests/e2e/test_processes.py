@@ -280,6 +280,12 @@ def test_tls_listener_with_workers(tmp_path):
         assert sorted(seen) == [1, 2]        # each worker wraps the adopted port in TLS
 
 
+def _unchecked(pki):
+    ctx = pki.client_context()
+    ctx.check_hostname = False           # 127.0.0.1 is not site.test; the CA is checked
+    return ctx
+
+
 def _one_line(result, *expected):
     err = result.stderr.strip()
     assert "Traceback" not in result.stderr
@@ -366,3 +372,47 @@ def test_twistd_runs_workers_and_pidfile_names_the_master(tmp_path):
         assert "worker 2 (pid " in log and "exited with status 0" in log
         assert "Traceback" not in log
         assert not any(alive(p) for p in seen.values())
+
+
+def test_worker_that_cannot_start_is_retried_with_back_off(tmp_path):
+    """A replacement that dies at once (its key file is gone) is retried after a
+    growing delay; the master lives on, and once the file is back a worker serves."""
+    pki = PKI(tmp_path).leaf("site", "site.test")
+    key = tmp_path / "site.key"
+    with Lab(tmp_path) as lab:
+        echo = lab.echo("app")
+        proxy = lab.proxy(lambda ports: config(
+            ports, echo.url, listen_extra='tls = { cert = "site.pem", key = "site.key" }'))
+        wait_until(lambda: len(proxy.log_lines("pid ", " serving")) == 2, 10, "two workers")
+        victim = worker_pids(proxy)[1]
+        saved = key.read_bytes()
+        key.unlink()
+        os.kill(victim, signal.SIGKILL)
+        proxy.wait_for_line(f"worker 1 (pid {victim}) was killed by signal 9 (SIGKILL); "
+                            "replacing it", timeout=10)
+        first = proxy.wait_for_line("exited with status 2; replacing it in 0.5s (it died "
+                                    "at once 1 time(s) in a row)", timeout=10)
+        proxy.wait_for_line("exited with status 2; replacing it in 1s (it died at once 2 "
+                            "time(s) in a row)", timeout=10)
+        assert "worker 1 (pid " in first
+        # the worker's own one-line reason reaches the master's log
+        assert proxy.log_lines("worker 1: ", "site.key")
+        assert proxy.proc.poll() is None
+        # worker 2 serves meanwhile
+        status, worker, _, _ = get(proxy.port, context=_unchecked(pki))
+        assert (status, worker) == (200, 2)
+        key.write_bytes(saved)
+        wait_until(lambda: len(proxy.log_lines("worker 1: pid ", " serving")) == 2, 15,
+                   "a replacement worker 1 serving")
+        assert proxy.stop() == 0
+
+
+def test_workers_stop_when_the_master_is_killed(tmp_path):
+    with Lab(tmp_path) as lab:
+        echo = lab.echo("app")
+        proxy = lab.proxy(lambda ports: config(ports, echo.url))
+        wait_until(lambda: len(proxy.log_lines("pid ", " serving")) == 2, 10, "two workers")
+        pids = list(worker_pids(proxy).values())
+        proxy.proc.kill()
+        proxy.proc.wait()
+        wait_until(lambda: not any(alive(p) for p in pids), 15, "the workers exit")

@@ -28,7 +28,6 @@ log = Logger(namespace="twistproxy")
 _WORKER_LINE = re.compile(r"^(\w+) (\S+) (worker \d+: .*)$", re.S)
 _LEVELS = {lvl.name: lvl for lvl in LogLevel.iterconstants()}
 
-QUICK_DEATH = 2.0        # seconds: a worker dying sooner than this "died at once"
 BACKOFF_FIRST = 0.5      # first delay before replacing a worker that died at once
 BACKOFF_MAX = 30.0       # doubling up to this
 KILL_MARGIN = 5.0        # after graceful_timeout, this long before SIGKILL
@@ -55,6 +54,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.started = 0.0
         self.ended = defer.Deferred()
         self._err = b""
+        self.ready = False       # it said it serves (a death before that: "at once")
 
     def connectionMade(self):
         self.pid = self.transport.pid
@@ -65,6 +65,11 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.transport.writeToChild(0, struct.pack("!I", len(blob)) + blob)
 
     def childDataReceived(self, fd, data):
+        if fd == 3:
+            if not self.ready and b"ready" in data:
+                self.ready = True
+                self.master._ready(self)
+            return
         if fd != 2:
             return
         self._err += data
@@ -127,8 +132,10 @@ class MasterService(Service):
         self._pending.pop(index, None)
         if self.stopping:
             return
-        fds = {0: "w", 1: 1, 2: "r"}     # stderr: the worker's log lines, relayed
-        n = 3
+        # 0: config, then open while the master lives; 1: stdout (the access log's
+        # "-"); 2: the worker's log lines, relayed; 3: "ready" once it serves
+        fds = {0: "w", 1: 1, 2: "r", 3: "r"}
+        n = 4
         listen_fds = []
         for b in self.bound:
             fds[n] = b.sock.fileno()
@@ -153,8 +160,7 @@ class MasterService(Service):
         if self.stopping:
             log.info("worker {index} (pid {pid}) {how}", index=index, pid=proto.pid, how=how)
             return
-        lived = self.reactor.seconds() - proto.started
-        if lived < QUICK_DEATH:
+        if not proto.ready:
             self._quick[index] = self._quick.get(index, 0) + 1
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._quick[index] - 1))
         else:
@@ -165,6 +171,9 @@ class MasterService(Service):
                  when=f" in {delay:g}s (it died at once {self._quick[index]} time(s) in a "
                       f"row)" if delay else "")
         self._pending[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def _ready(self, proto: WorkerProtocol) -> None:
+        self._quick[proto.index] = 0
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -105,13 +105,13 @@ def main(argv=None) -> int:
     config = read_config(0)
     fds = [int(f) for f in args.fds.split(",") if f]
     if len(fds) != len(config.listeners):
-        print(f"worker {args.index}: {len(fds)} sockets for {len(config.listeners)} "
+        print(f"{len(fds)} sockets for {len(config.listeners)} "
               "listeners", file=sys.stderr)
         return 2
     try:
         tls = check_files(config)
     except ConfigError as e:
-        print(f"worker {args.index}: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)
         return 2
     bound = [BoundSocket(listen, socket.socket(fileno=fd))
              for listen, fd in zip(config.listeners, fds)]
@@ -142,6 +142,11 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, on_signal)
         reactor.addReader(MasterWatch(0, lambda: stop("the master is gone")))
         log.info("pid {pid} serving", pid=os.getpid())
+        try:                     # tell the master: a death from now on is not "at once"
+            os.write(3, b"ready\n")
+            os.close(3)
+        except OSError:
+            pass
 
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
