@@ -120,6 +120,10 @@ def test_two_workers_both_serve(tmp_path):
         assert f"master pid {proxy.proc.pid}, 2 worker processes" in log
         assert "worker 1: listening on 127.0.0.1:" in log
         assert "worker 2: listening on 127.0.0.1:" in log
+        # access_log = "-": both workers' lines on the master's stdout, whole
+        lines = proxy.wait_for_access_lines(2, '"GET / HTTP/1.1" 200 ')
+        assert all(line.startswith("127.0.0.1 - - [") for line in proxy.access_lines())
+        assert len(lines) == len(proxy.access_lines())
 
 
 def test_default_is_one_process_and_header_is_off(tmp_path):
