@@ -420,3 +420,33 @@ def test_workers_stop_when_the_master_is_killed(tmp_path):
         proxy.proc.kill()
         proxy.proc.wait()
         wait_until(lambda: not any(alive(p) for p in pids), 15, "the workers exit")
+
+
+def test_ctrl_c_to_the_process_group_stops_everything_once(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the master and every worker at once: each
+    stops gracefully once, none is replaced, all exit with status 0."""
+    with Lab(tmp_path) as lab:
+        echo = lab.echo("app")
+        port = free_port()
+        cfg = tmp_path / "g.toml"
+        cfg.write_text(config({0: port}, echo.url))
+        err = open(tmp_path / "g.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "twistproxy.cli", "run", str(cfg)], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            wait_port("127.0.0.1", port, proc=proc)
+            wait_until(lambda: (tmp_path / "g.log").read_text().count(" serving") == 2, 10,
+                       "two workers")
+            assert get(port)[0] == 200
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            err.close()
+        log = (tmp_path / "g.log").read_text()
+        assert "worker 1: stopping (SIGINT)" in log and "worker 2: stopping (SIGINT)" in log
+        assert log.count("exited with status 0") == 2 and "replacing" not in log
+        assert "Traceback" not in log and "Unhandled" not in log

@@ -137,9 +137,14 @@ def main(argv=None) -> int:
     def on_signal(signum, frame):
         reactor.callFromThread(stop, signal.Signals(signum).name)
 
+    # SIGINT ignored when we started (inherited from a master started in the
+    # background) stays ignored: the worker then stops when the master says so
+    sigint = signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+
     def running():
         signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        if sigint:
+            signal.signal(signal.SIGINT, on_signal)
         reactor.addReader(MasterWatch(0, lambda: stop("the master is gone")))
         log.info("pid {pid} serving", pid=os.getpid())
         try:                     # tell the master: a death from now on is not "at once"
@@ -151,7 +156,11 @@ def main(argv=None) -> int:
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(running)
-    reactor.run()
+    # our own handlers (Twisted's would be put back to the defaults when run() returns,
+    # and a late SIGTERM from the master would then kill a worker that stopped cleanly)
+    reactor.run(installSignalHandlers=False)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 
