@@ -148,8 +148,17 @@ class MasterService(Service):
             args += ["--log-fd", str(n)]
         proto = WorkerProtocol(self, index)
         self.workers[index] = proto
-        self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ.copy(),
-                                  childFDs=fds)
+        try:
+            self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ.copy(),
+                                      childFDs=fds)
+        except OSError as e:         # no fork (memory, process limits): try again later
+            del self.workers[index]
+            self._quick[index] = self._quick.get(index, 0) + 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._quick[index] - 1))
+            log.error("worker {index} could not be started ({e}); trying again in "
+                      "{delay:g}s", index=index, e=e.strerror or e, delay=delay)
+            self._pending[index] = self.reactor.callLater(delay, self._spawn, index)
+            return
         log.info("worker {index} started (pid {pid})", index=index, pid=proto.pid)
 
     def _ended(self, proto: WorkerProtocol, reason) -> None:
