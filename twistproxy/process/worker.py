@@ -141,10 +141,11 @@ def main(argv=None) -> int:
     # background) stays ignored: the worker then stops when the master says so
     sigint = signal.getsignal(signal.SIGINT) != signal.SIG_IGN
 
+    signal.signal(signal.SIGTERM, on_signal)     # queued until the reactor runs
+    if sigint:
+        signal.signal(signal.SIGINT, on_signal)
+
     def running():
-        signal.signal(signal.SIGTERM, on_signal)
-        if sigint:
-            signal.signal(signal.SIGINT, on_signal)
         reactor.addReader(MasterWatch(0, lambda: stop("the master is gone")))
         log.info("pid {pid} serving", pid=os.getpid())
         try:                     # tell the master: a death from now on is not "at once"
