@@ -1140,3 +1140,47 @@ def test_default_config_documents_every_key():
     for key in ("tls = ", "cert = ", "key = ", "chain = ", "min_version = ", "ciphers = ",
                 "[[listen.certificate]]", "server_name = "):
         assert any(line.startswith(key) for line in lines), f"TLS key {key!r} not shown"
+
+
+# ---------------------------------------------------------------------------
+# [server] worker_processes, graceful_timeout, served_by_header (process/)
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("0", "0"), ("257", "257"), ('"many"', "'many'"), ("true", "true"), ("2.5", "2.5"),
+    ('""', "''"),
+])
+def test_worker_processes_errors(value, shown):
+    msg = fails(doc(ROUTE, top=f"[server]\nworker_processes = {value}\n"))
+    assert msg.endswith(f'server.worker_processes: {shown} must be a whole number from 1 '
+                        'to 256 or "auto"'), msg
+
+
+def test_worker_processes_values():
+    import os
+    assert ok(doc(ROUTE)).server.worker_processes == 1
+    assert ok(doc(ROUTE, top="[server]\nworker_processes = 4\n")).server.worker_processes == 4
+    auto = ok(doc(ROUTE, top='[server]\nworker_processes = "Auto"\n')).server.worker_processes
+    assert auto == len(os.sched_getaffinity(0))
+
+
+def test_worker_processes_refuse_admin_pages_for_now():
+    msg = fails(doc(ROUTE, top="[server]\nworker_processes = 2\n", after="[admin]\n"))
+    assert "server.worker_processes: 2 cannot be combined with [admin] yet" in msg
+    msg = fails(doc('path = "/bm"\nhandler = "balancer-manager"', ROUTE,
+                    top="[server]\nworker_processes = 2\n"))
+    assert ("server.worker_processes: 2 cannot be combined with vhost[0].route[0]'s "
+            "handler = 'balancer-manager' yet") in msg
+    assert ok(doc(ROUTE, top="[server]\nworker_processes = 1\n", after="[admin]\n")).admin
+
+
+def test_graceful_timeout_and_served_by_header():
+    cfg = ok(doc(ROUTE, top='[server]\ngraceful_timeout = "500ms"\n'
+                            'served_by_header = "X-Served-By"\n'))
+    assert cfg.server.graceful_timeout == 0.5 and cfg.server.served_by_header == "X-Served-By"
+    assert ok(doc(ROUTE)).server.graceful_timeout == 10.0
+    assert ok(doc(ROUTE)).server.served_by_header == ""
+    msg = fails(doc(ROUTE, top='[server]\nserved_by_header = "X Served"\n'))
+    assert "server.served_by_header: 'X Served' is not a header name" in msg
+    msg = fails(doc(ROUTE, top='[server]\ngraceful_timeout = -1\n'))
+    assert "server.graceful_timeout" in msg

@@ -7,7 +7,9 @@ at shutdown, so logging costs no system call per request.
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import sys
 import time
 
@@ -34,23 +36,74 @@ def _quote(value: bytes | None) -> bytes:
     return _NEEDS_ESCAPE.sub(_escape, value)
 
 
-class AccessLog:
-    """Writes log lines to a file (buffered, flushed by the service) or to stdout."""
+# With worker processes every worker appends to the same file (or stdout): each
+# write() carries whole lines only, at most PIPE_BUF bytes of them (a longer line goes
+# alone), so no line is torn or interleaved with another worker's, on a file opened
+# O_APPEND and on a pipe alike (POSIX makes pipe writes up to PIPE_BUF atomic).
+PIPE_BUF = 4096
+_BATCH = 65536          # buffered bytes that cause a flush before the once-a-second one
 
-    def __init__(self, target: str = "-", clock=time.time):
+
+class AccessLog:
+    """Writes log lines to a file (buffered, flushed by the service) or to stdout.
+
+    `fd`: a worker process's log, an open descriptor shared with the other workers
+    (the master's file, opened for appending, or stdout): lines are then written with
+    os.write in whole-line batches of at most PIPE_BUF bytes (see above)."""
+
+    def __init__(self, target: str = "-", clock=time.time, fd: int | None = None):
         self.target = target
         self._clock = clock
-        self._own = target != "-"
+        self._fd = fd
+        self._own = target != "-" and fd is None
         self._stream = open(target, "ab", buffering=65536) if self._own else None
+        self._lines: list[bytes] = []
+        self._size = 0
         self._stamp_second = -1
         self._stamp = b""
 
+    def fileno(self) -> int:
+        """The descriptor lines go to (workers inherit it)."""
+        if self._fd is not None:
+            return self._fd
+        return self._stream.fileno() if self._own else sys.stdout.fileno()
+
     def _write(self, line: bytes) -> None:
-        if self._own:
+        if self._fd is not None:
+            self._lines.append(line)
+            self._size += len(line)
+            if self._size >= _BATCH:
+                self.flush()
+        elif self._own:
             self._stream.write(line)
         else:
             # stdout is looked up each time so test harnesses that swap it see lines
             sys.stdout.write(line.decode("ascii"))
+
+    def _flush_fd(self) -> None:
+        lines, self._lines, self._size = self._lines, [], 0
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            if batch and size + len(line) > PIPE_BUF:
+                self._write_all(b"".join(batch))
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        if batch:
+            self._write_all(b"".join(batch))
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                select.select([], [self._fd], [], 1.0)
+                continue
+            view = view[n:]
 
     def _timestamp(self, now: float) -> bytes:
         second = int(now)
@@ -73,6 +126,12 @@ class AccessLog:
             int((now - started) * 1_000_000), backend.encode("latin-1") if backend else b"-"))
 
     def flush(self) -> None:
+        if self._fd is not None:
+            try:
+                self._flush_fd()
+            except OSError:
+                pass
+            return
         try:
             (self._stream if self._own else sys.stdout).flush()
         except (OSError, ValueError):
@@ -82,3 +141,8 @@ class AccessLog:
         self.flush()
         if self._own and self._stream is not None:
             self._stream.close()
+        elif self._fd is not None and self.target != "-":
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass

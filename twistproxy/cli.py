@@ -56,6 +56,8 @@ def cmd_run(args) -> int:
     except StartupError as e:
         print(e, file=sys.stderr)
         return 1
+    if hasattr(service, "log_level"):      # a master: its workers log at this level
+        service.log_level = args.log_level
     _start_logging(args.log_level)
     _run_service(service, service.reactor)
     return 0

@@ -212,6 +212,9 @@ class ServerConfig:
     limit_request_fieldsize: int = 8190
     limit_request_fields: int = 100
     busy_poll: int = 100                # microseconds at most; 0: off (reactor.py)
+    worker_processes: int = 1           # "auto" is resolved to the usable CPUs at load
+    graceful_timeout: float = 10.0      # seconds in-flight requests get at a stop
+    served_by_header: str = ""          # a response header naming the process; "": none
 
 
 # what a route's `handler` may name: Apache's SetHandler names of the admin pages
@@ -440,6 +443,22 @@ class _Loader:
                 raise self.fail(f"listen[{i}]", l.key, "is served by no [[vhost]] "
                                 "(every vhost's 'listen' leaves it out)")
         admin = self.admin(data["admin"], listeners) if "admin" in data else None
+        if server.worker_processes > 1:
+            # Admin state lives in each process; until the master owns it (issue 16's
+            # AMP design) a page would show and change one worker only: refused.
+            if admin is not None:
+                raise self.fail("server.worker_processes", server.worker_processes,
+                                "cannot be combined with [admin] yet (the admin pages "
+                                "would see and change one worker only); use "
+                                "worker_processes = 1 with the admin pages")
+            for i, v in enumerate(vhosts):
+                for j, r in enumerate(v.routes):
+                    if r.handler:
+                        raise self.fail("server.worker_processes", server.worker_processes,
+                                        f"cannot be combined with vhost[{i}].route[{j}]'s "
+                                        f"handler = {r.handler!r} yet (the admin pages "
+                                        "would see and change one worker only); use "
+                                        "worker_processes = 1 with the admin pages")
         return Config(self.path, server, listeners, vhosts, balancers, admin)
 
     def admin(self, raw: Any, listeners) -> AdminConfig:
@@ -516,7 +535,35 @@ class _Loader:
                 raw.get("limit_request_fields", d.limit_request_fields), 1, 10000),
             busy_poll=self.integer(f"{w}.busy_poll", raw.get("busy_poll", d.busy_poll),
                                    0, 10000),
+            worker_processes=self.worker_processes(
+                f"{w}.worker_processes", raw.get("worker_processes", d.worker_processes)),
+            graceful_timeout=self.duration(f"{w}.graceful_timeout",
+                                           raw.get("graceful_timeout", d.graceful_timeout)),
+            served_by_header=self.header_name(f"{w}.served_by_header",
+                                              raw.get("served_by_header", d.served_by_header)),
         )
+
+    def worker_processes(self, where: str, value: Any) -> int:
+        """A whole number from 1 to 256, or "auto": the CPUs this process may run on."""
+        if isinstance(value, str):
+            if value.strip().lower() != "auto":
+                raise self.fail(where, value, 'must be a whole number from 1 to 256 or "auto"')
+            try:
+                return max(1, min(256, len(os.sched_getaffinity(0))))
+            except (AttributeError, OSError):
+                return max(1, min(256, os.cpu_count() or 1))
+        self.typed(where, value, int, 'a whole number from 1 to 256 or "auto"')
+        if not 1 <= value <= 256:
+            raise self.fail(where, value, 'must be a whole number from 1 to 256 or "auto"')
+        return value
+
+    def header_name(self, where: str, value: Any) -> str:
+        """An HTTP header name (a token), or "" for none."""
+        value = self.string(where, value).strip()
+        if value and not _TOKEN.match(value):
+            raise self.fail(where, value, "is not a header name (letters, digits and "
+                            "!#$%&'*+-.^_`|~ only)")
+        return value
 
     def listener(self, w: str, raw: Any) -> ListenConfig:
         raw = self.table(w, raw, ("address", "port", "tls", "certificate",

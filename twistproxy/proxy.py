@@ -50,6 +50,10 @@ class ProxyContext:
         self._routed: dict = {}          # see _route()
         self.http_date = HttpDate(reactor.seconds)
         self.server_header = H.server_header(config.server.server_tokens)
+        # [server] served_by_header: a whole header line naming this process (set by
+        # served_by(); the process/ worker adds its number), b"" when not configured
+        self.served_by_line = b""
+        self.served_by(None)
         s = config.server
         self.head_limit = s.limit_request_line + s.limit_request_fields * \
             (s.limit_request_fieldsize + 2) + 4
@@ -84,6 +88,17 @@ class ProxyContext:
                     break
         self._vhost_errors = {id(v): tuple(a for a in v.response_headers if a.always)
                               for v in config.vhosts}
+
+    def served_by(self, worker: int | None) -> None:
+        """The served_by_header line for this process: `twistproxy pid P`, or with
+        worker processes `twistproxy worker I pid P`."""
+        import os
+        name = self.config.server.served_by_header
+        if not name:
+            return
+        who = f"worker {worker} pid {os.getpid()}" if worker is not None else \
+            f"pid {os.getpid()}"
+        self.served_by_line = f"{name}: twistproxy {who}\r\n".encode("ascii")
 
     def _reverse_entries(self, vhost: VhostConfig) -> list:
         entries = []

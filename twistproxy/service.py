@@ -23,7 +23,6 @@ from .wire.client import ClientFactory
 
 log = Logger(namespace="twistproxy")
 
-SHUTDOWN_GRACE = 10.0
 
 
 class StartupError(Exception):
@@ -130,7 +129,8 @@ class ProxyService(MultiService):
             if not conn.queue and conn.cur is None:
                 conn.hang_up()
         waited = 0.0
-        while self.ctx.connections and waited < SHUTDOWN_GRACE:
+        grace = self.config.server.graceful_timeout
+        while self.ctx.connections and waited < grace:
             yield task.deferLater(self.reactor, 0.1, lambda: None)
             waited += 0.1
         for conn in list(self.ctx.connections):
@@ -150,6 +150,8 @@ def build_service(config: Config, reactor=None) -> ProxyService:
     """Check certificates, bind every listener and open the access log, or raise
     ConfigError / StartupError: nothing is bound when a certificate is wrong."""
     tls = check_files(config)                 # or ConfigError, before any bind
+    if config.server.worker_processes > 1:
+        return _build_master(config, reactor)
     admin_listen = config.admin.listen if config.admin is not None else None
     try:
         bound = bind_all(config.listeners)
@@ -182,3 +184,24 @@ def build_service(config: Config, reactor=None) -> ProxyService:
         for b in bound_all:
             b.sock.close()
         raise
+
+
+def _build_master(config: Config, reactor=None):
+    """worker_processes > 1: the master binds (the same one-line errors) and opens the
+    access log for appending; its workers adopt both (twistproxy/process/)."""
+    from .process.master import MasterService
+    try:
+        bound = bind_all(config.listeners)
+    except BindError as e:
+        raise StartupError(str(e)) from None
+    access_log = None
+    target = config.server.access_log
+    if target:
+        try:
+            access_log = AccessLog(target)
+        except OSError as e:
+            for b in bound:
+                b.sock.close()
+            raise StartupError(f"{config.path}: server.access_log: {target!r} cannot be "
+                               f"opened: {e.strerror or e}") from None
+    return MasterService(config, bound, access_log, reactor)

@@ -692,6 +692,8 @@ class ClientConnection(Protocol):
             extra.append(b"Date: %s\r\n" % ctx.http_date())
         if not has_server and ctx.server_header:
             extra.append(b"Server: %s\r\n" % ctx.server_header)
+        if ctx.served_by_line:
+            extra.append(ctx.served_by_line)
         self.out(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
             status, rsn, serialize_headers(headers), b"".join(extra)))
 
@@ -751,9 +753,9 @@ class ClientConnection(Protocol):
         body = error_body(status)
         server = b"Server: %s\r\n" % self.ctx.server_header if self.ctx.server_header else b""
         self.out(b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\n"
-                             b"Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n%s\r\n%s"
+                             b"Content-Length: %d\r\nConnection: close\r\nDate: %s\r\n%s%s\r\n%s"
                              % (status, reason(status), len(body), self.ctx.http_date(),
-                                server, body))
+                                server, self.ctx.served_by_line, body))
         return len(body)
 
     def _finish(self, req: Request):
