@@ -183,3 +183,40 @@ def test_fin_behind_a_declined_upgrade_answers_it_then_closes():
     assert take(t).endswith(b"\r\n\r\nno")
     h.reactor.advance(0)                             # what followed the request: nothing
     assert t.disconnecting
+
+
+# request trailers are bounded like a head (httptools buffers an unfinished field)
+
+CHUNKED = (b"POST /app/p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n0\r\n")
+
+
+def test_a_trailer_field_that_never_ends_is_431_not_a_growing_buffer():
+    h, proto, t, logged = connect()
+    proto.dataReceived(CHUNKED + b"X-T: ")
+    for _ in range(200):                 # 1.6 MB of one trailer value, no CRLF
+        proto.dataReceived(b"a" * 8192)
+        if t.write_shut:
+            break
+    assert t.write_shut, "the proxy kept buffering the trailer"
+    assert take(t).startswith(b"HTTP/1.1 431 ")
+    assert logged == [(b"/app/p", 431)]
+
+
+def test_too_many_trailer_fields_is_431():
+    h, proto, t, logged = connect()
+    proto.dataReceived(CHUNKED + b"X-T: v\r\n" * 200 + b"\r\n")
+    assert take(t).startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_body_in_many_chunks_is_not_mistaken_for_trailers():
+    h, proto, t, logged = connect()
+    proto.dataReceived(b"POST /app/p HTTP/1.1\r\nHost: a\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+    backend, bt = h.backend()
+    for _ in range(300):                 # chunk-size lines read apart from their data
+        proto.dataReceived(b"1000\r\n")
+        proto.dataReceived(b"x" * 4096 + b"\r\n")
+    proto.dataReceived(b"0\r\nX-Done: 1\r\n\r\n")
+    assert t.value() == b"" and not t.write_shut
+    assert b"X-Done: 1" in bt.value()

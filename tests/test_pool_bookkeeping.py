@@ -320,3 +320,29 @@ def test_idempotent_requests_skip_the_peek_and_rely_on_the_retry():
     get = Ex()
     p.acquire(get)
     assert get.conn is conn and get.reused is True
+
+
+def test_a_standalone_worker_with_minus_i_enters_error_state_again_after_retry():
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+    r = MemoryReactorClock()
+    r.advance(1000)                  # (error_time 0.0 means "not in error")
+    p = pool(r, retry=10, ignore_errors=False)
+
+    def refused_request():
+        ex = Ex()
+        p.acquire(ex)
+        if len(r.tcpClients) > refused_request.connects:
+            refused_request.connects += 1
+            _, _, factory, _, _ = r.tcpClients[-1]
+            factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        return ex.failed
+    refused_request.connects = 0
+    assert refused_request() == "connection refused"            # t=0: error state
+    r.advance(5)
+    assert "in error state" in refused_request()                 # no connect
+    r.advance(6)                                                 # t=11: retry passed
+    assert refused_request() == "connection refused"             # tried, failed again
+    r.advance(4)
+    assert "in error state" in refused_request(), "the second error period never began"
+    assert refused_request.connects == 2

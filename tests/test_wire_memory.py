@@ -330,3 +330,46 @@ def test_routing_on_headers_is_never_remembered():
     client.dataReceived(b"GET /p HTTP/1.1\r\nHost: proxy.test\r\nUser-Agent: curl\r\n\r\n")
     new, new_t = h.backend()
     assert take(new_t).startswith(b"GET /base/p HTTP/1.1")
+
+
+# ---------------------------------------------------------------------------
+# the balancer timeout's polling (review findings)
+
+POLLING = CONFIG.replace('url = "http://10.9.9.9:8081/base/"', 'url = "balancer://farm/"') + """
+[balancer.farm]
+timeout = 5
+stickysession = "ROUTEID"
+{extra}
+  [[balancer.farm.member]]
+  url = "http://10.9.9.9:8081/"
+  route = "a"
+  status = "D"
+"""
+
+
+def test_a_client_that_leaves_while_the_balancer_polls_is_logged_once_and_not_answered():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    h = Harness(POLLING.format(extra=""))
+    logged = []
+    h.ctx.log_access = lambda conn, req: logged.append(req.status)
+    client, ct = h.client()
+    client.dataReceived(b"GET /x HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+    assert take(ct) == b""                       # waiting for a usable member
+    client.connectionLost(Failure(ConnectionDone()))
+    h.reactor.advance(0.1)
+    assert logged == [499] and take(ct) == b""
+    assert not h.ctx.runtime.balancer("farm").outage.failing
+
+
+def test_a_route_cookie_waits_for_a_member_too_unless_nofailover():
+    for extra, waits in (("", True), ("nofailover = true", False)):
+        h = Harness(POLLING.format(extra=extra))
+        client, ct = h.client()
+        client.dataReceived(b"GET /x HTTP/1.1\r\nHost: proxy.test\r\n"
+                            b"Cookie: ROUTEID=.a\r\n\r\n")
+        answered = take(ct)
+        assert (answered == b"") is waits, (extra, answered[:40])
+        if waits:
+            h.reactor.advance(5.1)
+            assert take(ct).startswith(b"HTTP/1.1 503 ")

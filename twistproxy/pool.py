@@ -191,8 +191,10 @@ class Pool:
             self.waiters.append([exchange, timer, check_open])
 
     def connect_failed(self, why: str) -> None:
-        if not self.ignore_errors and not self.error_time:
-            self.error_time = self.reactor.seconds()
+        now = self.reactor.seconds()
+        if not self.ignore_errors and (not self.error_time or
+                                       now >= self.error_time + self.retry):
+            self.error_time = now              # a new error period, also after the last
             self.error_cause = why
             log.warn("backend {name}: in error state for {retry:g}s: {why}",
                      name=self.name, retry=self.retry, why=why)

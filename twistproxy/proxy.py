@@ -219,6 +219,8 @@ class ProxyContext:
     def _dispatch_balanced(self, conn, req, rt: RouteRuntime, target: bytes,
                            waited_until: float | None = None) -> None:
         bal = rt.balancer
+        if waited_until is not None and (conn.closing or req not in conn.queue):
+            return                       # the client left while we polled: logged then
         now = self.reactor.seconds()
         attempt = Attempt(self.runtime, bal, target,
                           req.header("cookie") if bal.sticky_cookie else None, rt.where)
@@ -230,7 +232,7 @@ class ProxyContext:
                     lambda until: self._dispatch_balanced(conn, req, rt, target, until)):
                 return
             why = (f"sticky route {choice.sticky_route!r} is unavailable and nofailover is on"
-                   if choice.sticky_route else "no usable member")
+                   if attempt.refused_sticky(choice) else "no usable member")
             bal.outage.failed(rt.where, f"balancer://{bal.name}", why, 503)
             return conn.respond_error(req, 503)
         if bal.outage.failing:

@@ -259,7 +259,8 @@ class BalancerManager(Resource):
 
     @staticmethod
     def _whole(key: str, value: str, low: int, high: int) -> None:
-        if not value.strip().isdigit() or not low <= int(value) <= high:
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()) or not low <= int(digits) <= high:
             raise Refused(400, f"{key}: {value!r} must be a whole number from {low} to "
                           f"{high}; nothing was changed")
 

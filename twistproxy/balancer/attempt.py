@@ -61,13 +61,20 @@ class Attempt:
         until it has passed (`again(until)` runs the dispatch anew). True when a poll
         was scheduled; never for a sticky request with nofailover."""
         wait = self.balancer.timeout
-        if not wait or choice.sticky_route:
+        if not wait or self.refused_sticky(choice):
             return False
         until = until if until is not None else now + wait
         if now >= until:
             return False
         call_later(max(wait / 100, 0.01), again, until)
         return True
+
+    def refused_sticky(self, choice: Choice) -> bool:
+        """No member because the request's sticky route is down and nofailover is on
+        (not merely a request that carried a route)."""
+        route = choice.sticky_route
+        bal = self.balancer
+        return bool(route) and bal.nofailover and any(m.route == route for m in bal.members)
 
     def next(self, now: float, why: str) -> Member | None:
         """Another member after a failure, while maxattempts allows."""

@@ -139,13 +139,12 @@ class ClientConnection(Protocol):
     """Server side of one client connection. `ctx` supplies dispatch, limits, clock."""
 
     # slots, not a dict: past 30 attributes CPython's instance dicts lose their fast path
-    __slots__ = ("_blank", "_corked", "_data", "_head_bytes", "_last", "_linger_end",
-                 "_timer", "_timer_kind", "_upgrade_buf", "_write", "closing", "ctx",
-                 "cur", "lingering", "listen", "listen_key", "local_port", "parser",
-                 "paused", "peer_ip", "pinned", "queue", "read_closed",
-                 "requests_served", "scheme", "tls_pending", "tunnel", "upgrading",
-                 "write_closed",
-                 "writes_paused")
+    __slots__ = ("_blank", "_chunk_head", "_corked", "_data", "_head_bytes", "_last",
+                 "_linger_end", "_timer", "_timer_kind", "_upgrade_buf", "_write",
+                 "closing", "ctx", "cur", "lingering", "listen", "listen_key",
+                 "local_port", "parser", "paused", "peer_ip", "pinned", "queue",
+                 "read_closed", "requests_served", "scheme", "tls_pending", "tunnel",
+                 "upgrading", "write_closed", "writes_paused")
 
     def __init__(self, ctx, listen_key: str, scheme: bytes = b"http"):
         self.ctx = ctx
@@ -171,6 +170,7 @@ class ClientConnection(Protocol):
         self.upgrading = False            # an Upgrade request awaits the backend's answer
         self._upgrade_buf: list[bytes] = []
         self._head_bytes = 0
+        self._chunk_head = False
         self._blank = b""                 # CR/LF received between requests, so far
         self._data: bytes | None = None   # the chunk being parsed
         self._corked: list | None = None
@@ -319,6 +319,13 @@ class ClientConnection(Protocol):
                 if self._head_bytes > self.ctx.head_limit:
                     self._fail(431, "request head too large")
                     return
+            elif self._chunk_head:
+                # after a chunk-size line, before its data: the trailer fields after the
+                # last chunk are buffered the same way, so they are bounded like a head
+                self._head_bytes += len(data)
+                if self._head_bytes > self.ctx.head_limit:
+                    self._fail(431, "request trailer fields too large")
+                    return
         elif data[:1] in b"\r\n" or self._blank:
             data = self._blank_lines(data)
             if not data:
@@ -428,12 +435,16 @@ class ClientConnection(Protocol):
 
     def on_header(self, name: bytes, value: bytes):
         req = self.cur
+        limits = self.ctx.server
         if req.in_body:              # trailer fields after a chunked body
             if req.trailers is None:
                 req.trailers = []
+            if len(name) + len(value) + 2 > limits.limit_request_fieldsize:
+                raise Reject(431, f"trailer field {name[:40]!r} too long")
             req.trailers.append((name, value))
+            if len(req.trailers) > limits.limit_request_fields:
+                raise Reject(431, "too many trailer fields")
             return
-        limits = self.ctx.server
         if len(name) + len(value) + 2 > limits.limit_request_fieldsize:
             raise Reject(431, f"header field {name[:40]!r} too long")
         req.headers.append((name, value))
@@ -499,6 +510,7 @@ class ClientConnection(Protocol):
             self._pause(PAUSE_PIPELINE)
 
     def on_body(self, data: bytes):
+        self._chunk_head = False
         req = self.cur
         if req.exchange is not None:
             req.exchange.client_body(data)
@@ -518,10 +530,11 @@ class ClientConnection(Protocol):
             return
 
     def on_chunk_header(self):
-        pass
+        self._chunk_head = True      # until its data, or the end of the trailers
+        self._head_bytes = 0
 
     def on_chunk_complete(self):
-        pass
+        self._chunk_head = False
 
     def _upgrade(self, rest: bytes):
         """llhttp stops at an Upgrade or CONNECT request; route it, or go on as HTTP."""
