@@ -346,3 +346,23 @@ def test_a_standalone_worker_with_minus_i_enters_error_state_again_after_retry()
     r.advance(4)
     assert "in error state" in refused_request(), "the second error period never began"
     assert refused_request.connects == 2
+
+
+def test_over_tls_a_pending_record_is_a_ticket_but_an_alert_is_the_close():
+    r = MemoryReactorClock()
+    p, conn, backend = idle_on_socketpair(r)
+    p.tls = True
+    backend.sendall(b"\x17\x03\x03")     # application data (a TLS 1.3 session ticket)
+    first = Ex()
+    p.acquire(first, check_open=True)
+    assert first.conn is conn, "a session ticket made the connection look closed"
+    p.release(conn)
+    r2 = MemoryReactorClock()
+    p2, conn2, backend2 = idle_on_socketpair(r2)
+    p2.tls, p2.tls_options = True, (lambda sni: None)
+    backend2.sendall(b"\x15\x03\x03")    # an alert: close_notify before the FIN
+    post = Ex()
+    p2.acquire(post, check_open=True)
+    assert post.conn is None and p2.stats()["stale"] == 1 and len(r2.sslClients) == 1
+    backend.close()
+    backend2.close()

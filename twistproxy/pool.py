@@ -84,22 +84,21 @@ _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 def still_open(conn: BackendConnection) -> bool:
     """A non-blocking peek at an idle connection's socket: False when the backend has
-    closed or reset it, or (plain TCP) sent bytes nobody asked for. Over TLS, bytes
-    may be a session ticket, so only the close counts."""
-    transport = conn.transport
-    sock = getattr(transport, "socket", None)
-    tls = sock is None
-    if tls:
-        sock = getattr(getattr(transport, "transport", None), "socket", None)
-        if sock is None:
-            return True                 # not a socket (tests): nothing to peek at
+    closed or reset it, or sent bytes nobody asked for. Over TLS a pending record may
+    be a session ticket (application data in TLS 1.3), so only an alert record (0x15,
+    close_notify before the FIN) counts."""
+    sock = getattr(conn.transport, "socket", None)    # TLS wrappers forward it
+    if sock is None:
+        return True                     # not a socket (tests): nothing to peek at
     try:
         data = sock.recv(1, _PEEK)
     except BlockingIOError:
         return True
     except OSError:
         return False
-    return bool(data) and tls
+    if not data:
+        return False
+    return getattr(conn.pool, "tls", False) and data[0] != 0x15
 
 
 class Pool:
