@@ -168,16 +168,7 @@ def build_service(config: Config, reactor=None) -> ProxyService:
         bound_all = bound + [admin_bound]
     else:
         bound_all = bound
-    access_log = None
-    target = config.server.access_log
-    if target:
-        try:
-            access_log = AccessLog(target)
-        except OSError as e:
-            for b in bound_all:
-                b.sock.close()
-            raise StartupError(f"{config.path}: server.access_log: {target!r} cannot be "
-                               f"opened: {e.strerror or e}") from None
+    access_log = _open_access_log(config, bound_all)
     try:
         return ProxyService(config, bound, access_log, reactor, tls, admin_bound)
     except ConfigError:
@@ -194,14 +185,19 @@ def _build_master(config: Config, reactor=None):
         bound = bind_all(config.listeners)
     except BindError as e:
         raise StartupError(str(e)) from None
-    access_log = None
+    return MasterService(config, bound, _open_access_log(config, bound), reactor)
+
+
+def _open_access_log(config: Config, bound: list) -> AccessLog | None:
+    """The access log, opened after the binds; if it cannot be, the sockets are closed
+    and start-up stops with one line."""
     target = config.server.access_log
-    if target:
-        try:
-            access_log = AccessLog(target)
-        except OSError as e:
-            for b in bound:
-                b.sock.close()
-            raise StartupError(f"{config.path}: server.access_log: {target!r} cannot be "
-                               f"opened: {e.strerror or e}") from None
-    return MasterService(config, bound, access_log, reactor)
+    if not target:
+        return None
+    try:
+        return AccessLog(target)
+    except OSError as e:
+        for b in bound:
+            b.sock.close()
+        raise StartupError(f"{config.path}: server.access_log: {target!r} cannot be "
+                           f"opened: {e.strerror or e}") from None
