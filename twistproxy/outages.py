@@ -47,25 +47,23 @@ class Outage:
         """`backend` names it in the first line as the access log does (a balancer
         member with its balancer and route)."""
         cause = f"{why} -> {status}"
-        if self.failing:
-            self._last = self._now()
-            if cause in self._causes or len(self._causes) >= _CAUSES_SHOWN:
-                self._counts[cause] += 1
-                return
-            self._causes.add(cause)        # a new kind of failure: its own line
-            self._total += 1
-            log.warn("{where}: backend {backend}: {why} -> {status}", where=where,
-                     backend=backend, why=why, status=status)
+        now = self._now()
+        if not self.failing:             # the outage begins
+            self.failing = True
+            self.since = now
+            self._total = 0
+            self._ok = False
+            self._where = where
+            self._causes = set()
+            self._call_later(self.interval, self._tick)
+        self._last = now
+        if cause in self._causes or len(self._causes) >= _CAUSES_SHOWN:
+            self._counts[cause] += 1     # told in the next summary
             return
-        self.failing = True
-        self.since = self._last = self._now()
-        self._total = 1
-        self._ok = False
-        self._where = where
-        self._causes = {cause}
+        self._causes.add(cause)          # the first of its kind: a line of its own
+        self._total += 1
         log.warn("{where}: backend {backend}: {why} -> {status}", where=where,
                  backend=backend, why=why, status=status)
-        self._call_later(self.interval, self._tick)
 
     def succeeded(self) -> None:
         """Callers check `failing` first, so a healthy backend costs one attribute read."""
