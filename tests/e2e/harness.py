@@ -89,6 +89,17 @@ def wait_until(predicate, timeout: float = 5.0, what: str = "condition",
         time.sleep(interval)
 
 
+def one_line_failure(result, *expected: str) -> str:
+    """A start-up that failed as it should: one line on stderr, no traceback, holding
+    each expected text. Returns the line."""
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr
+    assert len(err.splitlines()) == 1, result.stderr
+    for text in expected:
+        assert text in err, err
+    return err
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -20,7 +20,8 @@ import time
 import pytest
 
 from clients import PKI
-from harness import ROOT, Lab, free_port, read_head, script, wait_port, wait_until
+from harness import (ROOT, Lab, free_port, one_line_failure, read_head, script, wait_port,
+                     wait_until)
 
 SERVED = re.compile(r"twistproxy worker (\d+) pid (\d+)")
 # the access log's line (access.py / accesslog.py): Combined Log Format, then the
@@ -289,13 +290,6 @@ def _unchecked(pki):
     return ctx
 
 
-def _one_line(result, *expected):
-    err = result.stderr.strip()
-    assert "Traceback" not in result.stderr
-    assert len(err.splitlines()) == 1, result.stderr
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 def test_bind_error_with_workers_is_todays_line_and_status(tmp_path):
@@ -322,7 +316,7 @@ server_name = "x"
 """)
             result = subprocess.run([sys.executable, "-m", "twistproxy.cli", "run", str(cfg)],
                                     capture_output=True, text=True, timeout=30, cwd=ROOT)
-            err = _one_line(result, f"cannot listen on 127.0.0.1:{port}",
+            err = one_line_failure(result, f"cannot listen on 127.0.0.1:{port}",
                             "address already in use (another process owns it)")
             outcomes.append((result.returncode, err))
         assert outcomes[0] == outcomes[1] and outcomes[0][0] == 1
@@ -342,7 +336,7 @@ def test_worker_processes_config_errors(tmp_path, value, problem):
     result = subprocess.run([sys.executable, "-m", "twistproxy.cli", "run", str(cfg)],
                             capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 2
-    _one_line(result, f"server.{problem}")
+    one_line_failure(result, f"server.{problem}")
 
 
 def test_twistd_runs_workers_and_pidfile_names_the_master(tmp_path):

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 from clients import Response, fetch
-from harness import ROOT, Echo, Proxy, free_port, script, wait_port
+from harness import ROOT, Echo, Proxy, free_port, one_line_failure, script, wait_port
 
 
 def run(*args, timeout=30, **kw):
@@ -125,13 +125,6 @@ server_name = "v6.test"
         proxy.stop()
 
 
-def _one_line_failure(result, *expected):
-    err = result.stderr.strip()
-    assert "Traceback" not in result.stderr
-    assert len(err.splitlines()) == 1, result.stderr
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 def test_port_in_use_stops_startup_with_one_line(tmp_path):
@@ -154,7 +147,7 @@ server_name = "x"
     try:
         result = run(sys.executable, "-m", "twistproxy.cli", "run", str(cfg))
         assert result.returncode != 0
-        _one_line_failure(result, f"cannot listen on 127.0.0.1:{port}",
+        one_line_failure(result, f"cannot listen on 127.0.0.1:{port}",
                           "address already in use (another process owns it)")
         # nothing half-started: the first listener was released again
         s = socket.socket()
@@ -194,7 +187,7 @@ def test_privileged_port_message():
         os.chmod(cfg, 0o644)
         result = run(*_without_bind_privilege(cfg))
     assert result.returncode != 0
-    _one_line_failure(result, "cannot listen on 127.0.0.1:80: permission denied")
+    one_line_failure(result, "cannot listen on 127.0.0.1:80: permission denied")
 
 
 def test_address_not_on_this_machine(tmp_path):
@@ -203,7 +196,7 @@ def test_address_not_on_this_machine(tmp_path):
                    '[[vhost]]\nserver_name = "x"\n')
     result = run(sys.executable, "-m", "twistproxy.cli", "run", str(cfg))
     assert result.returncode != 0
-    _one_line_failure(result, "cannot listen on 192.0.2.77:8080: address not available")
+    one_line_failure(result, "cannot listen on 192.0.2.77:8080: address not available")
 
 
 def test_check_command_exit_codes(tmp_path):
@@ -217,12 +210,12 @@ def test_check_command_exit_codes(tmp_path):
                    'server_name = "a"\n[[vhost.route]]\npath = "/"\nurl = "htp://x"\n')
     result = run(sys.executable, "-m", "twistproxy.cli", "check", str(bad))
     assert result.returncode == 2
-    err = _one_line_failure(result)
+    err = one_line_failure(result)
     assert err == (f"{bad}: vhost[0].route[0].url: 'htp://x' is not an http, https, "
                    "ws, wss or balancer URL")
     result = run(sys.executable, "-m", "twistproxy.cli", "check", str(tmp_path / "none.toml"))
     assert result.returncode == 2
-    _one_line_failure(result, "none.toml: cannot read")
+    one_line_failure(result, "none.toml: cannot read")
 
 
 def test_console_script_version_and_check():
@@ -239,7 +232,7 @@ def test_run_with_bad_config_exits_2(tmp_path):
     bad.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 8080\n[[vhost]]\nserver_nme = "a"\n')
     result = run(sys.executable, "-m", "twistproxy.cli", "run", str(bad))
     assert result.returncode == 2
-    _one_line_failure(result, "vhost[0].server_nme: unknown key (did you mean 'server_name'?)")
+    one_line_failure(result, "vhost[0].server_nme: unknown key (did you mean 'server_name'?)")
 
 
 def test_twistd_plugin_is_listed():
@@ -295,7 +288,7 @@ def test_twistd_bad_config_is_one_line_exit_2(tmp_path):
     bad.write_text('[[listen]]\naddress = "127.0.0.1"\nport = 99999\n[[vhost]]\nserver_name="a"\n')
     result = run(script("twistd"), "-n", "--pidfile", "", "twistproxy", "--config", str(bad))
     assert result.returncode == 2
-    _one_line_failure(result, "listen[0].port: 99999 must be a whole number from 1 to 65535")
+    one_line_failure(result, "listen[0].port: 99999 must be a whole number from 1 to 65535")
 
 
 def test_twistd_port_in_use(tmp_path):
@@ -309,7 +302,7 @@ def test_twistd_port_in_use(tmp_path):
     try:
         result = run(script("twistd"), "-n", "--pidfile", "", "twistproxy", "--config", str(cfg))
         assert result.returncode != 0
-        _one_line_failure(result, f"cannot listen on 127.0.0.1:{port}: address already in use")
+        one_line_failure(result, f"cannot listen on 127.0.0.1:{port}: address already in use")
     finally:
         taken.close()
 
