@@ -1,6 +1,7 @@
-"""The `twistproxy` command: run, check, demo, dev-certs, --version.
+"""The `twistproxy` command: run, reload, check, demo, dev-certs, --version.
 
-`run` builds the same service as the twistd plugin; `check` validates a file and
+`run` builds the same service as the twistd plugin; `reload` signals a running master
+(SIGHUP) to read its file again; `check` validates a file and
 prints a one-line summary; `demo` starts built-in backends and a proxy in front;
 `dev-certs` writes throwaway certificates for trying TLS (twistproxy/devcerts.py).
 Errors are one line on stderr: exit status 2 for configuration, 1 for start-up.
@@ -58,8 +59,64 @@ def cmd_run(args) -> int:
         return 1
     if hasattr(service, "log_level"):      # a master: its workers log at this level
         service.log_level = args.log_level
+    if args.pidfile:
+        try:
+            _write_pidfile(args.pidfile)
+        except OSError as e:
+            print(f"--pidfile: {args.pidfile!r} cannot be written: {e.strerror or e}",
+                  file=sys.stderr)
+            return 1
     _start_logging(args.log_level)
-    _run_service(service, service.reactor)
+    try:
+        _run_service(service, service.reactor)
+    finally:
+        if args.pidfile:
+            _remove_pidfile(args.pidfile)
+    return 0
+
+
+def _write_pidfile(path: str) -> None:
+    import os
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _remove_pidfile(path: str) -> None:
+    import os
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return                    # a newer process's (a take-over)
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def cmd_reload(args) -> int:
+    """Send SIGHUP to the master named by the pid file: it reads its file again."""
+    import os
+    import signal
+    try:
+        with open(args.pidfile) as f:
+            text = f.read().strip()
+    except OSError as e:
+        print(f"{args.pidfile}: cannot be read: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if not text.isdigit():
+        print(f"{args.pidfile}: {text[:40]!r} is not a process id", file=sys.stderr)
+        return 1
+    try:
+        os.kill(int(text), signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"{args.pidfile}: no process {text} (twistproxy is not running)",
+              file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"{args.pidfile}: process {text} may not be signalled by this user",
+              file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to twistproxy (pid {text}): it reloads its configuration; "
+          "its log says whether the new one serves")
     return 0
 
 
@@ -83,7 +140,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="run the proxy in the foreground")
     p.add_argument("file", help="the TOML configuration file")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
+    p.add_argument("--pidfile", help="write the master's process id here (for reload)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("reload", help="make a running twistproxy read its configuration "
+                       "again (SIGHUP to the master): new workers start with it, the old "
+                       "ones finish what they have in flight")
+    p.add_argument("--pidfile", required=True, help="the pid file of the running master "
+                   "(twistproxy run --pidfile, or twistd's)")
+    p.set_defaults(func=cmd_reload, reactor=False)
     p = sub.add_parser("check", help="validate a configuration file and summarise it")
     p.add_argument("file", help="the TOML configuration file")
     p.set_defaults(func=cmd_check)

@@ -213,6 +213,7 @@ class ServerConfig:
     limit_request_fields: int = 100
     busy_poll: int = 100                # microseconds at most; 0: off (reactor.py)
     worker_processes: int = 1           # "auto" is resolved to the usable CPUs at load
+    master_process: bool = True         # false: one process, no reload (nginx's name)
     graceful_timeout: float = 10.0      # seconds in-flight requests get at a stop
     served_by_header: str = ""          # a response header naming the process; "": none
 
@@ -443,22 +444,9 @@ class _Loader:
                 raise self.fail(f"listen[{i}]", l.key, "is served by no [[vhost]] "
                                 "(every vhost's 'listen' leaves it out)")
         admin = self.admin(data["admin"], listeners) if "admin" in data else None
-        if server.worker_processes > 1:
-            # Admin state lives in each process; until the master owns it (issue 16's
-            # AMP design) a page would show and change one worker only: refused.
-            if admin is not None:
-                raise self.fail("server.worker_processes", server.worker_processes,
-                                "cannot be combined with [admin] yet (the admin pages "
-                                "would see and change one worker only); use "
-                                "worker_processes = 1 with the admin pages")
-            for i, v in enumerate(vhosts):
-                for j, r in enumerate(v.routes):
-                    if r.handler:
-                        raise self.fail("server.worker_processes", server.worker_processes,
-                                        f"cannot be combined with vhost[{i}].route[{j}]'s "
-                                        f"handler = {r.handler!r} yet (the admin pages "
-                                        "would see and change one worker only); use "
-                                        "worker_processes = 1 with the admin pages")
+        if not server.master_process and server.worker_processes > 1:
+            raise self.fail("server.worker_processes", server.worker_processes,
+                            "needs server.master_process = true (the master spawns them)")
         return Config(self.path, server, listeners, vhosts, balancers, admin)
 
     def admin(self, raw: Any, listeners) -> AdminConfig:
@@ -537,6 +525,8 @@ class _Loader:
                                    0, 10000),
             worker_processes=self.worker_processes(
                 f"{w}.worker_processes", raw.get("worker_processes", d.worker_processes)),
+            master_process=self.boolean(f"{w}.master_process",
+                                        raw.get("master_process", d.master_process)),
             graceful_timeout=self.duration(f"{w}.graceful_timeout",
                                            raw.get("graceful_timeout", d.graceful_timeout)),
             served_by_header=self.header_name(f"{w}.served_by_header",

@@ -89,6 +89,24 @@ class ProxyContext:
         self._vhost_errors = {id(v): tuple(a for a in v.response_headers if a.always)
                               for v in config.vhosts}
 
+    # -- what the admin pages read: this process's figures, or in a master the sums over
+    # its workers (process/totals.py sets `totals` before a page is rendered)
+    totals = None
+    generation = 1          # a master's: the configurations it has run (reloads + 1)
+
+    def census(self):
+        from .runtime.counters import Census
+        return self.totals.census if self.totals is not None else Census(self.connections)
+
+    def pool_stats(self, pool) -> dict:
+        return self.totals.pool_stats(pool) if self.totals is not None else pool.stats()
+
+    def open_connections(self) -> int:
+        return self.totals.connections if self.totals is not None else len(self.connections)
+
+    def processes(self) -> int:
+        return self.totals.workers if self.totals is not None else 1
+
     def served_by(self, worker: int | None) -> None:
         """The served_by_header line for this process: `twistproxy pid P`, or with
         worker processes `twistproxy worker I pid P`."""

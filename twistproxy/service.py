@@ -31,7 +31,8 @@ class StartupError(Exception):
 
 class ProxyService(MultiService):
     def __init__(self, config: Config, bound: list[BoundSocket], access_log: AccessLog | None,
-                 reactor=None, tls: dict | None = None, admin_bound: BoundSocket | None = None):
+                 reactor=None, tls: dict | None = None, admin_bound: BoundSocket | None = None,
+                 controlled: bool = False):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -43,7 +44,11 @@ class ProxyService(MultiService):
         self.ctx = ProxyContext(config, reactor, access_log)
         self.admin_bound = admin_bound   # the admin listener's socket, if [admin] has a port
         self.admin = None
-        if config.admin is not None or any(r.handler for v in config.vhosts for r in v.routes):
+        # `controlled`: a worker process, whose master owns health checks, the admin
+        # pages and admin state (process/worker.py)
+        self.controlled = controlled
+        if not controlled and (config.admin is not None or
+                               any(r.handler for v in config.vhosts for r in v.routes)):
             from .admin.site import Admin
             self.admin = self.ctx.admin = Admin(self.ctx, config.admin)
         self.ports = []
@@ -88,8 +93,9 @@ class ProxyService(MultiService):
             self.admin.restore()             # the state file, before any request
         if self.admin_bound is not None:
             self._start_admin(self.admin_bound)
-        for check in self.ctx.health_checks:
-            check.start()
+        if not self.controlled:
+            for check in self.ctx.health_checks:
+                check.start()
         if any(p.ttl is not None for p in self.ctx.pools) or self.ctx.forward_gates:
             # pool maintenance: idle connections above smax older than ttl are closed,
             # and a forward proxy's workers for origins no longer in use are forgotten
@@ -150,8 +156,23 @@ def build_service(config: Config, reactor=None) -> ProxyService:
     """Check certificates, bind every listener and open the access log, or raise
     ConfigError / StartupError: nothing is bound when a certificate is wrong."""
     tls = check_files(config)                 # or ConfigError, before any bind
-    if config.server.worker_processes > 1:
-        return _build_master(config, reactor)
+    bound, admin_bound = _bind(config)
+    bound_all = bound + ([admin_bound] if admin_bound else [])
+    access_log = open_access_log(config, bound_all)
+    try:
+        if config.server.master_process:
+            from .process.master import MasterService
+            return MasterService(config, bound, access_log, reactor, tls=tls,
+                                 admin_bound=admin_bound)
+        return ProxyService(config, bound, access_log, reactor, tls, admin_bound)
+    except ConfigError:
+        for b in bound_all:
+            b.sock.close()
+        raise
+
+
+def _bind(config: Config):
+    """Every listener and the admin listener, or StartupError with nothing bound."""
     admin_listen = config.admin.listen if config.admin is not None else None
     try:
         bound = bind_all(config.listeners)
@@ -165,30 +186,10 @@ def build_service(config: Config, reactor=None) -> ProxyService:
             for b in bound:
                 b.sock.close()
             raise StartupError(f"admin: {e}") from None
-        bound_all = bound + [admin_bound]
-    else:
-        bound_all = bound
-    access_log = _open_access_log(config, bound_all)
-    try:
-        return ProxyService(config, bound, access_log, reactor, tls, admin_bound)
-    except ConfigError:
-        for b in bound_all:
-            b.sock.close()
-        raise
+    return bound, admin_bound
 
 
-def _build_master(config: Config, reactor=None):
-    """worker_processes > 1: the master binds (the same one-line errors) and opens the
-    access log for appending; its workers adopt both (twistproxy/process/)."""
-    from .process.master import MasterService
-    try:
-        bound = bind_all(config.listeners)
-    except BindError as e:
-        raise StartupError(str(e)) from None
-    return MasterService(config, bound, _open_access_log(config, bound), reactor)
-
-
-def _open_access_log(config: Config, bound: list) -> AccessLog | None:
+def open_access_log(config: Config, bound: list) -> AccessLog | None:
     """The access log, opened after the binds; if it cannot be, the sockets are closed
     and start-up stops with one line."""
     target = config.server.access_log

@@ -126,8 +126,9 @@ def test_two_workers_both_serve(tmp_path):
         assert len(lines) == len(proxy.access_lines())
 
 
-def test_default_is_one_process_and_header_is_off(tmp_path):
-    """worker_processes = 1 (the default): no master, and no header unless configured."""
+def test_default_is_a_master_and_one_worker_and_header_is_off(tmp_path):
+    """worker_processes = 1 (the default): a master and one worker (so reloads work the
+    same), and no header unless configured."""
     with Lab(tmp_path) as lab:
         echo = lab.echo("app")
         proxy = lab.proxy(lambda ports: config(ports, echo.url, workers=1).replace(
@@ -138,7 +139,22 @@ def test_default_is_one_process_and_header_is_off(tmp_path):
         r.read()
         c.close()
         assert r.status == 200 and r.getheader("X-Served-By") is None
-        assert "master pid" not in proxy.log() and " worker " not in proxy.log()
+        assert f"master pid {proxy.proc.pid}, 1 worker process\n" in proxy.log()
+        assert len(worker_pids(proxy)) == 1
+
+
+def test_master_process_false_is_one_process(tmp_path):
+    with Lab(tmp_path) as lab:
+        echo = lab.echo("app")
+        proxy = lab.proxy(lambda ports: config(ports, echo.url, workers=1).replace(
+            "[server]", "[server]\nmaster_process = false"))
+        c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        c.request("GET", "/", headers={"Host": "proxy.test"})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        assert r.getheader("X-Served-By") == f"twistproxy pid {proxy.proc.pid}"
+        assert "master pid" not in proxy.log() and worker_pids(proxy) == {}
 
 
 def test_killed_worker_is_replaced_and_queued_connections_survive(tmp_path):

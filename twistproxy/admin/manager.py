@@ -122,7 +122,7 @@ class BalancerManager(Resource):
                     "errors": dict(m.errors), "retries": m.retries,
                     "failovers": m.failovers, "hc_passed": m.hc_passed,
                     "hc_failed": m.hc_failed, "error_seconds": round(m.error_seconds, 3),
-                    "pool": m.pool.stats() if m.pool is not None else None,
+                    "pool": self.ctx.pool_stats(m.pool) if m.pool is not None else None,
                     "edit": self.member_link("/balancer-manager", b, m),
                 })
             out.append({

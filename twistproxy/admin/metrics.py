@@ -81,7 +81,7 @@ class ProxyCollector:
         self.started = ctx.reactor.seconds() if started is None else started
 
     def collect(self):
-        census = Census(self.ctx.connections)
+        census = self.ctx.census()
         yield from self._servers()
         yield from self._backends(census)
         yield from self._frontends()
@@ -141,10 +141,10 @@ class ProxyCollector:
                 if "E" in m.flags and m.error_time:
                     down += max(0.0, now - m.error_time)
                 downtime.add_metric(lv, down)
-                pool = m.pool
-                if pool is not None:
-                    idle.add_metric(lv, len(pool.idle))
-                    used.add_metric(lv, pool.busy)
+                if m.pool is not None:
+                    stats = ctx.pool_stats(m.pool)
+                    idle.add_metric(lv, stats["idle"])
+                    used.add_metric(lv, stats["busy"])
         return s.all
 
     def _routes(self):
@@ -248,7 +248,7 @@ class ProxyCollector:
         p.gauge("uptime_seconds", "Seconds since the proxy started.").add_metric(
             [], max(0.0, ctx.reactor.seconds() - self.started))
         p.gauge("current_connections", "Client connections open now.").add_metric(
-            [], len(ctx.connections))
+            [], ctx.open_connections())
         p.counter("connections", "Client connections accepted.").add_metric(
             [], sum(lc.accepted for lc in ctx.listeners.values()))
         p.counter("requests", "Requests received.").add_metric(
@@ -256,7 +256,7 @@ class ProxyCollector:
         p.gauge("stopping", "1 while the proxy shuts down.").add_metric(
             [], 1 if ctx.stopping else 0)
         p.gauge("backend_connections_current", "Open connections to backends, every "
-                "pool.").add_metric([], sum(pool.open for pool in ctx.workers.pools()))
+                "pool.").add_metric([], sum(ctx.pool_stats(pool)["open"] for pool in ctx.workers.pools()))
         return p.all
 
 

@@ -102,6 +102,24 @@ def edits_from(state: dict, runtime) -> list[Edit]:
     return edits
 
 
+def still_existing(state: dict, runtime) -> dict:
+    """The state without what `runtime`'s configuration no longer has (a reload):
+    balancers gone, and configured members gone (added ones are added again)."""
+    out = {}
+    for name, entry in state["balancers"].items():
+        b = runtime.balancers.get(name)
+        if b is None:
+            continue
+        added = list(entry.get("added") or [])
+        urls = {m.url.raw for m in b.config.members}
+        added = [u for u in added if u not in urls]
+        members = {u: f for u, f in (entry.get("members") or {}).items()
+                   if u in urls or u in added}
+        settings = entry.get("settings") or {}
+        out[name] = {"settings": settings, "added": added, "members": members}
+    return {"version": VERSION, "balancers": out}
+
+
 def restore(path: str, runtime) -> tuple[int, str | None]:
     """Apply the state file at start-up: (changes applied, None), or (0, why it was
     ignored). A missing file is no state yet."""

@@ -18,6 +18,7 @@ import uuid
 from urllib.parse import urlsplit
 
 from twisted.internet import address as taddress
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, ITransport
 from twisted.internet.threads import deferToThread
@@ -57,7 +58,16 @@ class Admin(BasicUsers):
         self.persisted = bool(self.state_file)
         self.pages = self._pages()
         self._route_sites: dict = {}
+        # in a master (process/master.py): sums the workers' counters in before a page
+        # is rendered (a Deferred), and what its changes wait for (every worker's ack)
+        self.refresh = None
+        self.pending: list = []
         ctx.runtime.subscribe(self._changed)
+
+    def settled(self):
+        """A Deferred that fires once the workers applied every change made so far."""
+        pending, self.pending = self.pending, []
+        return defer.DeferredList(pending, consumeErrors=True)
 
     def _pages(self) -> dict[str, Resource]:
         pages: dict[str, Resource] = {"balancer-manager": BalancerManager(self)}
@@ -163,7 +173,9 @@ class Admin(BasicUsers):
         if site is None:
             return self.ctx.reject(conn, req, 404, f"handler {handler!r} is not available "
                                    "in this build")
-        _Bridge(self, site, conn, req)
+        reactor = self.ctx.reactor
+        _Bridge(self.ctx, lambda raw, peer, host, secure:
+                run_in_memory(site, reactor, raw, peer, host, secure), conn, req)
 
 
 def _hostname(host: str) -> str:
@@ -253,6 +265,33 @@ class Guard(Resource):
         return _text(request, 401, "the admin pages need a user and password")
 
     def _page(self, request):
+        """The page; in a master, after the workers' counters are summed in, and
+        answered once every worker has applied the changes it made."""
+        admin = self.admin
+        if admin.refresh is None:
+            return self._render(request)
+        d = admin.refresh()
+
+        def render(_):
+            body = self._render(request)
+            settled = admin.settled()
+            settled.addBoth(lambda _: self._finish(request, body))
+
+        d.addCallback(render)
+        d.addErrback(lambda f: (log.failure("admin: reading the workers", f),
+                                self._finish(request, _text(request, 500, "the workers "
+                                             "could not be read"))))
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _finish(request, body) -> None:
+        if body is NOT_DONE_YET or request.finished or getattr(request, "_disconnected",
+                                                                False):
+            return
+        request.write(body)
+        request.finish()
+
+    def _render(self, request):
         page = getChildForRequest(self.inner, request) if self.traverse else self.inner
         try:
             return page.render(request)
@@ -342,13 +381,32 @@ def _address(ip: str, port: int):
         taddress.IPv4Address("TCP", ip, port)
 
 
+def run_in_memory(site: Site, reactor, raw: bytes, peer, host, secure: bool):
+    """One HTTP/1.0 request (raw bytes) through `site` on an in-memory channel: a
+    Deferred of the raw answer, and the channel (to drop if the client goes)."""
+    done = defer.Deferred()
+
+    def answered(answer: bytes) -> None:
+        reactor.callLater(0, channel.connectionLost, Failure(ConnectionDone("answered")))
+        done.callback(answer)
+
+    transport = _Memory(peer, host, secure, answered)
+    channel = site.buildProtocol(peer)
+    channel.makeConnection(transport)
+    if secure:
+        channel.isSecure = lambda: True       # request.isSecure() asks the channel
+    channel.dataReceived(raw)
+    return done, channel
+
+
 class _Bridge:
     """Collects the request body from the client connection (it is the request's
-    exchange), then runs the request through an in-memory twisted.web channel as
-    HTTP/1.0 (the answer ends at close) and sends the answer on the connection."""
+    exchange), then has the request answered as HTTP/1.0 (the answer ends at close)
+    by `run` (in memory here, or by the master's admin: process/worker.py) and sends
+    the answer on the connection."""
 
-    def __init__(self, admin: Admin, site: Site, conn, req):
-        self.admin, self.site, self.conn, self.req = admin, site, conn, req
+    def __init__(self, ctx, run, conn, req):
+        self.ctx, self.run, self.conn, self.req = ctx, run, conn, req
         self.gone = False
         self.channel = None
         early = conn.attach(req, self)
@@ -391,18 +449,21 @@ class _Bridge:
         head.append(b"Content-Length: %d\r\n\r\n" % len(body))
         sock_host = conn.transport.getHost()
         peer = _address(conn.peer_ip, getattr(conn.transport.getPeer(), "port", 0))
-        transport = _Memory(peer, _address(sock_host.host, sock_host.port),
-                            conn.scheme == b"https", self._answered)
-        self.channel = channel = self.site.buildProtocol(peer)
-        channel.makeConnection(transport)
-        if transport.secure:
-            channel.isSecure = lambda: True       # request.isSecure() asks the channel
-        channel.dataReceived(b"".join(head) + body)
+        d, self.channel = self.run(b"".join(head) + body, peer,
+                                   _address(sock_host.host, sock_host.port),
+                                   conn.scheme == b"https")
+        d.addCallbacks(self._answered, self._failed)
+
+    def _failed(self, failure) -> None:
+        self.channel = None
+        if not self.gone:
+            log.error("admin: {handler} could not be answered: {why}",
+                      handler=self.req.target.decode("latin-1")[:200],
+                      why=failure.getErrorMessage())
+            self.conn.respond_error(self.req, 502)
 
     def _answered(self, raw: bytes) -> None:
-        channel, self.channel = self.channel, None
-        self.admin.ctx.reactor.callLater(0, channel.connectionLost,
-                                         Failure(ConnectionDone("answered")))
+        self.channel = None
         if self.gone:
             return
         head, _, body = raw.partition(b"\r\n\r\n")

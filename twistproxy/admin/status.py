@@ -14,7 +14,6 @@ from twisted.web.resource import Resource
 from twisted.web.template import Element, XMLString, renderElement, renderer, tags
 
 from .. import __version__
-from ..runtime.counters import Census
 
 # mod_proxy's worker status words, in the order Apache prints them (checked against
 # Apache 2.4.71's ?auto output); "Ok " follows when the member is usable
@@ -82,7 +81,7 @@ class Reading:
         self.uptime = max(0, int(self.now - started))
         self.accesses = sum(lc.requests for lc in ctx.listeners.values())
         self.bytes = sum(lc.bytes_out for lc in ctx.listeners.values())
-        self.census = Census(ctx.connections)
+        self.census = ctx.census()
         self.times = os.times()
         try:
             self.load = os.getloadavg()
@@ -97,7 +96,7 @@ class Reading:
                  "ServerMPM: twisted",
                  f"CurrentTime: {http_time(self.now)}",
                  f"RestartTime: {http_time(self.started)}",
-                 "ParentServerConfigGeneration: 1",
+                 f"ParentServerConfigGeneration: {self.ctx.generation}",
                  "ParentServerMPMGeneration: 0",
                  f"ServerUptimeSeconds: {self.uptime}",
                  f"ServerUptime: {uptime_words(self.uptime)}".rstrip()]
@@ -124,9 +123,9 @@ class Reading:
         lines += [f"BusyWorkers: {0 if stopping else c.busy}",
                   f"GracefulWorkers: {c.busy if stopping else 0}",
                   f"IdleWorkers: {c.waiting}",
-                  "Processes: 1",
+                  f"Processes: {self.ctx.processes()}",
                   f"Stopping: {1 if stopping else 0}",
-                  f"ConnsTotal: {len(self.ctx.connections)}",
+                  f"ConnsTotal: {self.ctx.open_connections()}",
                   f"ConnsAsyncWriting: {c.writing}",
                   f"ConnsAsyncKeepAlive: {c.waiting}",
                   f"ConnsAsyncClosing: {c.closing}",
