@@ -49,7 +49,7 @@ def cmd_run(args) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
-        service = build_service(config)
+        service = build_service(config, takeover=args.takeover)
     except ConfigError as e:            # a certificate, key or CA file
         print(e, file=sys.stderr)
         return 2
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="run the proxy in the foreground")
     p.add_argument("file", help="the TOML configuration file")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
+    p.add_argument("--takeover", action="store_true",
+                   help="take the listening sockets over from the process on the file's "
+                        "[server] handover_socket, which then stops (no port is closed)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="validate a configuration file and summarise it")
     p.add_argument("file", help="the TOML configuration file")

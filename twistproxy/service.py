@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ConfigError
-from .listeners import BindError, BoundSocket, bind_all, bind_one
+from .listeners import BindError, BoundSocket, bind_all, close_unused
 from .proxy import ProxyContext
 from .tls import check_files, listener_factory
 from .wire.client import ClientFactory
@@ -146,21 +146,24 @@ class ProxyService(MultiService):
         yield super().stopService()
 
 
-def build_service(config: Config, reactor=None) -> ProxyService:
+def build_service(config: Config, reactor=None, takeover: bool = False) -> ProxyService:
     """Check certificates, bind every listener and open the access log, or raise
-    ConfigError / StartupError: nothing is bound when a certificate is wrong."""
+    ConfigError / StartupError: nothing is bound when a certificate is wrong.
+    Sockets inherited (from the process taken over with --takeover, or from systemd)
+    are used instead of binding where their keys match (_inherit)."""
     tls = check_files(config)                 # or ConfigError, before any bind
+    inherited, handing = _inherit(config, takeover)
     if config.server.worker_processes > 1:
-        return _build_master(config, reactor)
+        return _build_master(config, reactor, inherited, handing)
     admin_listen = config.admin.listen if config.admin is not None else None
     try:
-        bound = bind_all(config.listeners)
+        bound = bind_all(config.listeners, inherited)
     except BindError as e:
         raise StartupError(str(e)) from None
     admin_bound = None
     if admin_listen is not None:
         try:
-            admin_bound = bind_one(admin_listen)
+            admin_bound = bind_all([admin_listen], inherited)[0]
         except BindError as e:
             for b in bound:
                 b.sock.close()
@@ -170,22 +173,55 @@ def build_service(config: Config, reactor=None) -> ProxyService:
         bound_all = bound
     access_log = _open_access_log(config, bound_all)
     try:
-        return ProxyService(config, bound, access_log, reactor, tls, admin_bound)
+        service = ProxyService(config, bound, access_log, reactor, tls, admin_bound)
     except ConfigError:
         for b in bound_all:
             b.sock.close()
         raise
+    # --- hand-over hooks (twistproxy/process/handover.py) ---
+    close_unused(inherited, "not in this configuration", "info" if handing else "warn")
+    if handing is not None:
+        service.reactor.callWhenRunning(handing.serving, service.reactor)
+    if config.server.handover_socket:
+        log.warn("server.handover_socket is served by the master only (worker_processes "
+                 "> 1): nothing listens on it with one process")
+    return service
 
 
-def _build_master(config: Config, reactor=None):
+def _inherit(config: Config, takeover: bool):
+    """(listener key -> inherited socket, the Takeover or None): the sockets of the
+    process on server.handover_socket with --takeover, else systemd's (if any)."""
+    from . import activation
+    from .process import handover
+    if not takeover:
+        admin = config.admin.listen if config.admin is not None else None
+        return activation.inherited(config.listeners, admin), None
+    try:
+        handing = handover.Takeover.connect(config)
+    except handover.HandoverError as e:
+        raise StartupError(str(e)) from None
+    return handing.sockets, handing
+
+
+def _build_master(config: Config, reactor=None, inherited=None, handing=None):
     """worker_processes > 1: the master binds (the same one-line errors) and opens the
     access log for appending; its workers adopt both (twistproxy/process/)."""
+    from .process import handover
     from .process.master import MasterService
     try:
-        bound = bind_all(config.listeners)
-    except BindError as e:
+        server = handover.for_master(config, reactor, handing)     # the handover socket, if set
+    except handover.HandoverError as e:
         raise StartupError(str(e)) from None
-    return MasterService(config, bound, _open_access_log(config, bound), reactor)
+    try:
+        bound = bind_all(config.listeners, inherited)
+    except BindError as e:
+        if server is not None:
+            server.stop()
+        raise StartupError(str(e)) from None
+    close_unused(inherited, "not in this configuration", "info" if handing else "warn")
+    service = MasterService(config, bound, _open_access_log(config, bound), reactor)
+    service.handover = server
+    return service
 
 
 def _open_access_log(config: Config, bound: list) -> AccessLog | None:

@@ -102,6 +102,7 @@ class MasterService(Service):
         self._quick: dict[int, int] = {}       # slot -> deaths at once in a row
         self._pending: dict[int, object] = {}  # slot -> the delayed replacement
         self._loggers: dict[str, Logger] = {}
+        self.handover = None   # hook: a process/handover.py HandoverServer, if configured
 
     def addresses(self) -> dict[str, int]:
         return {b.listen.key: b.port for b in self.bound}
@@ -127,6 +128,8 @@ class MasterService(Service):
                      f"{b.listen.address}:{b.port}")
         for i in range(1, self.count + 1):
             self._spawn(i)
+        if self.handover is not None:                    # hook: process/handover.py
+            self.handover.start(self)
 
     def _spawn(self, index: int) -> None:
         self._pending.pop(index, None)
@@ -183,10 +186,14 @@ class MasterService(Service):
 
     def _ready(self, proto: WorkerProtocol) -> None:
         self._quick[proto.index] = 0
+        if self.handover is not None:                    # hook: process/handover.py
+            self.handover.worker_ready(self)
 
     @defer.inlineCallbacks
     def stopService(self):
         self.stopping = True
+        if self.handover is not None:                    # hook: process/handover.py
+            self.handover.stop()
         for call in self._pending.values():
             if call.active():
                 call.cancel()
