@@ -41,6 +41,14 @@ def serving(proxy, n: int = 2) -> None:
     wait_until(lambda: len(proxy.log_lines("pid ", " serving")) >= n, 15, f"{n} workers")
 
 
+def old_master(lab, sock, **kw):
+    """(the backend, a master serving with its handover socket at `sock`)."""
+    echo = lab.echo("app")
+    old = lab.proxy(lambda ports: config(ports, echo.url, sock, **kw))
+    serving(old)
+    return echo, old
+
+
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -61,9 +69,7 @@ def served_by(port: int) -> int:
 def test_takeover_under_steady_load(tmp_path):
     sock = tmp_path / "handover.sock"
     with Lab(tmp_path) as lab:
-        echo = lab.echo("app")
-        old = lab.proxy(lambda ports: config(ports, echo.url, sock))
-        serving(old)
+        echo, old = old_master(lab, sock)
         assert old.wait_for_line(f"handover socket {sock}")
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
         load = Load(old.port, threads=2)
@@ -101,9 +107,7 @@ def test_takeover_under_steady_load(tmp_path):
 def test_takeover_binds_an_added_listener_and_closes_a_dropped_one(tmp_path):
     sock = tmp_path / "handover.sock"
     with Lab(tmp_path) as lab:
-        echo = lab.echo("app")
-        old = lab.proxy(lambda ports: config(ports, echo.url, sock, listeners=(0, "dropped")))
-        serving(old)
+        echo, old = old_master(lab, sock, listeners=(0, "dropped"))
         kept, dropped = old.ports[0], old.ports["dropped"]
         added = free_port()
         new = lab.proxy(config({0: kept, "added": added}, echo.url, sock,
@@ -131,9 +135,7 @@ def test_takeover_with_nobody_on_the_socket_is_one_line_and_status_1(tmp_path):
 def test_a_live_handover_socket_is_not_stolen_by_a_plain_start(tmp_path):
     sock = tmp_path / "handover.sock"
     with Lab(tmp_path) as lab:
-        echo = lab.echo("app")
-        old = lab.proxy(lambda ports: config(ports, echo.url, sock))
-        serving(old)
+        echo, old = old_master(lab, sock)
         cfg = tmp_path / "second.toml"
         cfg.write_text(config({0: free_port()}, echo.url, sock))
         result = run_cli("run", str(cfg))
