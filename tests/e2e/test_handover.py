@@ -104,23 +104,54 @@ def test_takeover_under_steady_load(tmp_path):
         assert not sock.exists()
 
 
-def test_takeover_binds_an_added_listener_and_closes_a_dropped_one(tmp_path):
+@pytest.mark.parametrize("new_workers", [2, 1])
+def test_takeover_binds_an_added_listener_and_closes_a_dropped_one(tmp_path, new_workers):
     sock = tmp_path / "handover.sock"
     with Lab(tmp_path) as lab:
         echo, old = old_master(lab, sock, listeners=(0, "dropped"))
         kept, dropped = old.ports[0], old.ports["dropped"]
         added = free_port()
         new = lab.proxy(config({0: kept, "added": added}, echo.url, sock,
-                               listeners=(0, "added")), name="new.toml", args=["--takeover"])
+                               listeners=(0, "added"), workers=new_workers),
+                        name="new.toml", args=["--takeover"])
         assert old.proc.wait(30) == 0
-        serving(new)
-        new_pids = set(worker_pids(new).values())
+        new.wait_for_line(f"pid {old.proc.pid} handed over and stops", timeout=15)
+        new_pids = set(worker_pids(new).values()) or {new.proc.pid}
         assert served_by(kept) in new_pids            # the inherited socket
         assert served_by(added) in new_pids           # bound by the new one
         assert refused(dropped)                       # nobody holds it any more
         new.wait_for_line(f"inherited socket 127.0.0.1:{dropped}: not in this "
                           "configuration; closed")
         new.wait_for_line(f"listening on 127.0.0.1:{added}")
+
+
+def test_a_takeover_that_fails_leaves_the_old_one_serving(tmp_path):
+    sock = tmp_path / "handover.sock"
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    busy = taken.getsockname()[1]
+    try:
+        with Lab(tmp_path) as lab:
+            echo, old = old_master(lab, sock)
+            cfg = tmp_path / "new.toml"
+            cfg.write_text(config({0: old.port, "busy": busy}, echo.url, sock,
+                                  listeners=(0, "busy")))
+            result = run_cli("run", "--takeover", str(cfg))
+            assert result.returncode == 1
+            one_line_failure(result, f"cannot listen on 127.0.0.1:{busy}: address already "
+                             "in use")
+            old.wait_for_line("the takeover was abandoned (the new process went away "
+                              "before it served); still serving")
+            assert old.proc.poll() is None
+            assert served_by(old.port) in worker_pids(old).values()
+            # and a later takeover still works
+            new = lab.proxy(config({0: old.port}, echo.url, sock), name="later.toml",
+                            args=["--takeover"])
+            assert old.proc.wait(30) == 0
+            new.wait_for_line(f"pid {old.proc.pid} handed over and stops", timeout=15)
+    finally:
+        taken.close()
 
 
 def test_takeover_with_nobody_on_the_socket_is_one_line_and_status_1(tmp_path):
