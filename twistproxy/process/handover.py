@@ -103,7 +103,7 @@ class _Giving(LineReceiver):
             # longer than that
             self.sendLine(json.dumps({"pid": os.getpid(),
                                       "keys": [k for k, _ in sockets]}).encode())
-        elif line == b"serving" and self.given:
+        elif line == b"serving" and self.given and not server.done:
             server.handed_over(self, _peer_pid(self.transport))
         else:
             self.transport.loseConnection()
