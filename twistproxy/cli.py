@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
-        service = build_service(config)
+        service = build_service(config, takeover=args.takeover)
     except ConfigError as e:            # a certificate, key or CA file
         print(e, file=sys.stderr)
         return 2
@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("file", help="the TOML configuration file")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
     p.add_argument("--pidfile", help="write the master's process id here (for reload)")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the listening sockets over from the process on the file's "
+                        "[server] handover_socket, which then stops (no port is closed)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("reload", help="make a running twistproxy read its configuration "
                        "again (SIGHUP to the master): new workers start with it, the old "

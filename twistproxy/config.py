@@ -216,6 +216,7 @@ class ServerConfig:
     master_process: bool = True         # false: one process, no reload (nginx's name)
     graceful_timeout: float = 10.0      # seconds in-flight requests get at a stop
     served_by_header: str = ""          # a response header naming the process; "": none
+    handover_socket: str = ""           # UNIX socket handing the listeners over; "": off
 
 
 # what a route's `handler` may name: Apache's SetHandler names of the admin pages
@@ -531,6 +532,8 @@ class _Loader:
                                            raw.get("graceful_timeout", d.graceful_timeout)),
             served_by_header=self.header_name(f"{w}.served_by_header",
                                               raw.get("served_by_header", d.served_by_header)),
+            handover_socket=self.unix_socket(f"{w}.handover_socket",
+                                             raw.get("handover_socket", d.handover_socket)),
         )
 
     def worker_processes(self, where: str, value: Any) -> int:
@@ -546,6 +549,20 @@ class _Loader:
         if not 1 <= value <= 256:
             raise self.fail(where, value, 'must be a whole number from 1 to 256 or "auto"')
         return value
+
+    def unix_socket(self, where: str, value: Any) -> str:
+        """A UNIX socket's path (relative ones: to the configuration file's folder) in a
+        folder that exists, or "" for none."""
+        if not self.string(where, value):
+            return ""
+        path = self.file(where, value)
+        if len(os.fsencode(path)) > 107:
+            raise self.fail(where, value, "is too long for a UNIX socket path (at most "
+                            "107 bytes once made absolute)")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise self.fail(where, value, f"cannot be created: the folder "
+                            f"{os.path.dirname(path)} does not exist")
+        return path
 
     def header_name(self, where: str, value: Any) -> str:
         """An HTTP header name (a token), or "" for none."""

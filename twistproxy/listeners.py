@@ -71,14 +71,29 @@ def bind_one(listen: ListenConfig, address: str | None = None) -> BoundSocket:
     return BoundSocket(listen, sock)
 
 
-def bind_all(listeners) -> list[BoundSocket]:
-    """Bind every listener or none: on the first failure, close what was bound."""
+def bind_all(listeners, inherited: dict[str, socket.socket] | None = None
+             ) -> list[BoundSocket]:
+    """Bind every listener or none: on the first failure, close what was bound. A
+    listener whose key is in `inherited` (sockets received from the process taken over,
+    or from systemd) takes that socket out of it instead of binding."""
     bound: list[BoundSocket] = []
     try:
         for listen in listeners:
-            bound.append(bind_one(listen))
+            sock = inherited.pop(listen.key, None) if inherited else None
+            bound.append(BoundSocket(listen, sock) if sock is not None else bind_one(listen))
     except BindError:
         for b in bound:
             b.sock.close()
         raise
     return bound
+
+
+def close_unused(inherited: dict[str, socket.socket], why: str, level: str = "warn") -> None:
+    """Close the inherited sockets no listener took, with one line each."""
+    from twisted.logger import Logger, LogLevel
+    for key, sock in inherited.items():
+        Logger(namespace="twistproxy").emit(LogLevel.levelWithName(level),
+                                            "inherited socket {key}: {why}; closed",
+                                            key=key, why=why)
+        sock.close()
+    inherited.clear()

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ConfigError
-from .listeners import BindError, BoundSocket, bind_all, bind_one
+from .listeners import BindError, BoundSocket, bind_all, close_unused
 from .proxy import ProxyContext
 from .tls import check_files, listener_factory
 from .wire.client import ClientFactory
@@ -152,36 +152,77 @@ class ProxyService(MultiService):
         yield super().stopService()
 
 
-def build_service(config: Config, reactor=None) -> ProxyService:
+def build_service(config: Config, reactor=None, takeover: bool = False) -> ProxyService:
     """Check certificates, bind every listener and open the access log, or raise
-    ConfigError / StartupError: nothing is bound when a certificate is wrong."""
+    ConfigError / StartupError: nothing is bound when a certificate is wrong.
+    Sockets inherited (from the process taken over with --takeover, or from systemd)
+    are used instead of binding where their keys match (_inherit)."""
     tls = check_files(config)                 # or ConfigError, before any bind
-    bound, admin_bound = _bind(config)
+    inherited, handing = _inherit(config, takeover)
+    server = None
+    if config.server.master_process:
+        from .process import handover
+        try:
+            server = handover.for_master(config, reactor, handing)   # if configured
+        except handover.HandoverError as e:
+            raise StartupError(str(e)) from None
+    try:
+        bound, admin_bound = _bind(config, inherited)
+    except StartupError:
+        if server is not None:
+            server.stop()
+        raise
+    close_unused(inherited, "not in this configuration", "info" if handing else "warn")
     bound_all = bound + ([admin_bound] if admin_bound else [])
     access_log = open_access_log(config, bound_all)
     try:
         if config.server.master_process:
             from .process.master import MasterService
-            return MasterService(config, bound, access_log, reactor, tls=tls,
-                                 admin_bound=admin_bound)
-        return ProxyService(config, bound, access_log, reactor, tls, admin_bound)
+            service = MasterService(config, bound, access_log, reactor, tls=tls,
+                                    admin_bound=admin_bound)
+            service.handover = server
+            return service
+        service = ProxyService(config, bound, access_log, reactor, tls, admin_bound)
     except ConfigError:
         for b in bound_all:
             b.sock.close()
         raise
+    # one process: it may take sockets over, but there is no master to hand them on
+    if handing is not None:
+        service.reactor.callWhenRunning(handing.serving, service.reactor)
+    if config.server.handover_socket:
+        log.warn("server.handover_socket is served by the master only: nothing listens "
+                 "on it with master_process = false")
+    return service
 
 
-def _bind(config: Config):
-    """Every listener and the admin listener, or StartupError with nothing bound."""
+def _inherit(config: Config, takeover: bool):
+    """(listener key -> inherited socket, the Takeover or None): the sockets of the
+    process on server.handover_socket with --takeover, else systemd's (if any)."""
+    from . import activation
+    from .process import handover
+    if not takeover:
+        admin = config.admin.listen if config.admin is not None else None
+        return activation.inherited(config.listeners, admin), None
+    try:
+        handing = handover.Takeover.connect(config)
+    except handover.HandoverError as e:
+        raise StartupError(str(e)) from None
+    return handing.sockets, handing
+
+
+def _bind(config: Config, inherited=None):
+    """Every listener and the admin listener (inherited sockets where the keys match),
+    or StartupError with nothing bound."""
     admin_listen = config.admin.listen if config.admin is not None else None
     try:
-        bound = bind_all(config.listeners)
+        bound = bind_all(config.listeners, inherited)
     except BindError as e:
         raise StartupError(str(e)) from None
     admin_bound = None
     if admin_listen is not None:
         try:
-            admin_bound = bind_one(admin_listen)
+            admin_bound = bind_all([admin_listen], inherited)[0]
         except BindError as e:
             for b in bound:
                 b.sock.close()

@@ -13,9 +13,11 @@ from .service import StartupError, build_service
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE"
+    synopsis = "--config FILE [--takeover]"
     longdesc = "Run twistproxy, an edge proxy, with the given TOML configuration."
     optParameters = [["config", "c", None, "The TOML configuration file (required)."]]
+    optFlags = [["takeover", None, "Take the listening sockets over from the process on "
+                 "[server] handover_socket, which then stops."]]
 
     def postOptions(self):
         if not self["config"]:
@@ -29,7 +31,7 @@ def makeService(options):
         print(e, file=sys.stderr)
         raise SystemExit(2)
     try:
-        return build_service(config)
+        return build_service(config, takeover=bool(options["takeover"]))
     except ConfigError as e:            # a certificate, key or CA file
         print(e, file=sys.stderr)
         raise SystemExit(2)

@@ -100,6 +100,66 @@ def one_line_failure(result, *expected: str) -> str:
     return err
 
 
+def run_cli(*args: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    """`python -m twistproxy.cli ARGS` to its end, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "twistproxy.cli", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def worker_pids(proxy) -> dict[int, int]:
+    """Worker number -> pid of the last one a master says it started."""
+    import re
+    out = {}
+    for line in proxy.log_lines("] worker ", " started (pid "):
+        m = re.search(r"worker (\d+) started \(pid (\d+)\)", line)
+        out[int(m.group(1))] = int(m.group(2))
+    return out
+
+
+class Load:
+    """`threads` clients each making requests in a loop, one connection per request
+    (http.client), until `stop()`; `results` holds (started, header value or the
+    exception) for each, `header` being the response header to keep (served_by_header).
+    """
+
+    def __init__(self, port: int, threads: int = 2, host: str = "proxy.test",
+                 header: str = "X-Served-By"):
+        self.port, self.host, self.header = port, host, header
+        self.results: list[tuple[float, object]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True)
+                         for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self) -> None:
+        import http.client
+        while not self._stop.is_set():
+            started = time.monotonic()
+            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                c.request("GET", "/", headers={"Host": self.host})
+                r = c.getresponse()
+                r.read()
+                outcome = r.getheader(self.header, "") if r.status == 200 else r.status
+            except (OSError, http.client.HTTPException) as e:
+                outcome = e
+            finally:
+                c.close()
+            self.results.append((started, outcome))
+
+    def served(self) -> list[str]:
+        return [o for _, o in self.results if isinstance(o, str)]
+
+    def failed(self) -> list:
+        return [o for _, o in self.results if not isinstance(o, str)]
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,7 +252,8 @@ class Proxy:
 
     ATTEMPTS = 4
 
-    def __init__(self, config, tmp: Path, wait=True, name="proxy.toml"):
+    def __init__(self, config, tmp: Path, wait=True, name="proxy.toml", args=()):
+        self.args = tuple(args)          # more `twistproxy run` options (--takeover)
         self.path = tmp / name
         self.log_path = tmp / (name + ".log")
         self.out_path = tmp / (name + ".out")
@@ -218,7 +279,8 @@ class Proxy:
         self._out = open(self.out_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "twistproxy.cli", "run", str(self.path),
-             "--log-level", "debug"], stdout=self._out, stderr=self._log, cwd=ROOT)
+             "--log-level", "debug", *self.args], stdout=self._out, stderr=self._log,
+            cwd=ROOT)
 
     def _wait(self, text: str) -> None:
         import tomllib
@@ -450,9 +512,10 @@ class Lab:
     def raw(self, handler, **kw) -> RawBackend:
         return self.add(RawBackend(handler, **kw))
 
-    def proxy(self, config, name: str = "proxy.toml") -> Proxy:
-        """`config`: the TOML text or a function of the ports (see Proxy)."""
-        return self.add(Proxy(config, self.tmp, name=name))
+    def proxy(self, config, name: str = "proxy.toml", args=()) -> Proxy:
+        """`config`: the TOML text or a function of the ports (see Proxy); `args`:
+        more `twistproxy run` options."""
+        return self.add(Proxy(config, self.tmp, name=name, args=args))
 
     def __enter__(self) -> "Lab":
         return self

@@ -21,7 +21,7 @@ import pytest
 
 from clients import PKI
 from harness import (ROOT, Lab, free_port, one_line_failure, read_head, script, wait_port,
-                     wait_until)
+                     wait_until, worker_pids)
 
 SERVED = re.compile(r"twistproxy worker (\d+) pid (\d+)")
 # the access log's line (access.py / accesslog.py): Combined Log Format, then the
@@ -65,15 +65,6 @@ def get(port: int, path: str = "/", headers=None, timeout=10.0, context=None):
         return r.status, int(m.group(1)), int(m.group(2)), body
     finally:
         c.close()
-
-
-def worker_pids(proxy) -> dict[int, int]:
-    """Worker number -> pid of the last one the master says it started."""
-    out = {}
-    for line in proxy.log_lines("] worker ", " started (pid "):
-        m = re.search(r"worker (\d+) started \(pid (\d+)\)", line)
-        out[int(m.group(1))] = int(m.group(2))
-    return out
 
 
 def alive(pid: int) -> bool:

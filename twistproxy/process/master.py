@@ -236,6 +236,7 @@ class MasterService(Service):
     @property
     def workers(self) -> dict[int, WorkerProtocol]:
         return self.generation.workers
+        self.handover = None   # hook: a process/handover.py HandoverServer, if configured
 
     def addresses(self) -> dict[str, int]:
         out = {b.listen.key: b.port for b in self.bound}
@@ -272,6 +273,8 @@ class MasterService(Service):
         self.plane.start()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         self._start_generation(self.generation)
+        if self.handover is not None:                    # hook: process/handover.py
+            self.handover.start(self)
 
     def _wire(self, plane: Plane) -> None:
         plane.ctx.runtime.subscribe(self._broadcast)
@@ -280,8 +283,8 @@ class MasterService(Service):
 
     def _start_admin(self, b) -> None:
         factory = self._admin_factory(self.plane)
+        # the master keeps its copy (a hand-over sends it on; a reload keeps it)
         self.admin_port = self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory)
-        b.sock.close()
         log.info("admin listener on {scheme}://{key}/ ({pages})",
                  scheme="https" if "admin" in self.plane.tls else "http", key=_shown(b),
                  pages=", ".join(self.plane.admin.pages))
@@ -350,6 +353,8 @@ class MasterService(Service):
         gen = proto.generation
         if not gen.all_ready.called and len(gen.ready_workers()) == gen.count:
             self.reactor.callLater(0, gen.all_ready.callback, gen)
+        if self.handover is not None and gen is self.generation:  # hook: process/handover.py
+            self.reactor.callLater(0, self.handover.worker_ready, self)
         return self._plane_of(gen).sync_rows()
 
     def _plane_of(self, gen: Generation) -> Plane:
@@ -574,6 +579,8 @@ class MasterService(Service):
             if self.admin_port is not None:
                 self.admin_port.stopListening()
                 self.admin_port = None
+            if self.admin_bound is not None:
+                self.admin_bound.sock.close()
             self.admin_bound = admin_bound
             if admin_bound is not None and plane.admin is not None:
                 self._start_admin(admin_bound)
@@ -620,6 +627,8 @@ class MasterService(Service):
     @defer.inlineCallbacks
     def stopService(self):
         self.stopping = True
+        if self.handover is not None:                    # hook: process/handover.py
+            self.handover.stop()
         for call in self._pending.values():
             if call.active():
                 call.cancel()
@@ -633,6 +642,8 @@ class MasterService(Service):
             self._signal(w, "TERM")
         if self.admin_port is not None:
             yield defer.maybeDeferred(self.admin_port.stopListening)
+        if self.admin_bound is not None:
+            self.admin_bound.sock.close()
         # the master's copies of the listening sockets: once the workers have stopped
         # listening too, the port is closed and new connections are refused
         for b in self.bound:
