@@ -1164,14 +1164,15 @@ def test_worker_processes_values():
     assert auto == len(os.sched_getaffinity(0))
 
 
-def test_worker_processes_refuse_admin_pages_for_now():
-    msg = fails(doc(ROUTE, top="[server]\nworker_processes = 2\n", after="[admin]\n"))
-    assert "server.worker_processes: 2 cannot be combined with [admin] yet" in msg
-    msg = fails(doc('path = "/bm"\nhandler = "balancer-manager"', ROUTE,
-                    top="[server]\nworker_processes = 2\n"))
-    assert ("server.worker_processes: 2 cannot be combined with vhost[0].route[0]'s "
-            "handler = 'balancer-manager' yet") in msg
-    assert ok(doc(ROUTE, top="[server]\nworker_processes = 1\n", after="[admin]\n")).admin
+def test_worker_processes_take_admin_pages_and_need_the_master():
+    """The master owns the admin pages and their state, so any number of workers may
+    have them; without a master there is one process only."""
+    assert ok(doc(ROUTE, top="[server]\nworker_processes = 2\n", after="[admin]\n")).admin
+    assert ok(doc(ROUTE)).server.master_process is True
+    msg = fails(doc(ROUTE, top="[server]\nworker_processes = 2\nmaster_process = false\n"))
+    assert "server.worker_processes: 2 needs server.master_process = true" in msg
+    msg = fails(doc(ROUTE, top='[server]\nmaster_process = "no"\n'))
+    assert "server.master_process" in msg
 
 
 def test_graceful_timeout_and_served_by_header():

@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import socket
+import re
 import subprocess
 import sys
 import threading
@@ -243,6 +244,18 @@ class Ports(dict):
         return self[key]
 
 
+def one_process_unless_asked(text: str) -> str:
+    """Tests of what a worker does run it as the one process (master_process = false):
+    its log lines then land before its answer, and each start is one process. A config
+    that names master_process or worker_processes gets what it asks for (the master's
+    own tests: test_processes, test_reload, test_handover, test_admin...)."""
+    if "master_process" in text or "worker_processes" in text:
+        return text
+    if re.search(r"(?m)^\[server\][ \t]*$", text):
+        return re.sub(r"(?m)^\[server\][ \t]*$", "[server]\nmaster_process = false", text, 1)
+    return "[server]\nmaster_process = false\n" + text
+
+
 class Proxy:
     """twistproxy run on a generated config; `port` is the first listener's port.
 
@@ -273,6 +286,7 @@ class Proxy:
 
     def _start(self, text: str) -> None:
         import tomllib
+        text = one_process_unless_asked(text)
         self.path.write_text(text)
         self.port = tomllib.loads(text)["listen"][0]["port"]
         self._log = open(self.log_path, "wb")

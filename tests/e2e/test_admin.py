@@ -30,9 +30,12 @@ def lab(tmp_path):
 
 
 def config(ports, members, admin: str = "", balancer: str = "", routes: str = "") -> str:
+    """A master and its worker (the default): the master owns the admin pages, the
+    worker applies what they change (several workers: test_reload.py)."""
     out = [f"""
 [server]
 access_log = "-"
+worker_processes = 1
 
 [[listen]]
 address = "127.0.0.1"
