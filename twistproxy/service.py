@@ -25,6 +25,9 @@ log = Logger(namespace="twistproxy")
 
 
 
+FIRST_REQUEST_GRACE = 2.0   # at a stop, how long a new connection may take to send a request
+
+
 class StartupError(Exception):
     """One line saying why the proxy cannot start."""
 
@@ -119,6 +122,12 @@ class ProxyService(MultiService):
                  key=b.listen.key if b.listen.port else f"{b.listen.address}:{b.port}",
                  pages=", ".join(self.admin.pages))
 
+    def _hang_up_idle(self, fresh_too: bool) -> None:
+        for conn in list(self.ctx.connections):
+            if not conn.queue and conn.cur is None and conn.tunnel is None and \
+                    (fresh_too or conn.requests_served):
+                conn.hang_up()
+
     def _sweep(self):
         for pool in self.ctx.pools:
             pool.sweep()
@@ -131,14 +140,20 @@ class ProxyService(MultiService):
             check.stop()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
-        for conn in list(self.ctx.connections):
-            if not conn.queue and conn.cur is None:
-                conn.hang_up()
+        # idle keep-alive connections are closed now; one accepted but with no request
+        # yet is a client about to send one (it connected a moment ago, maybe to this
+        # worker just as a reload replaced it): its request is answered, with
+        # Connection: close, unless none comes within FIRST_REQUEST_GRACE
+        self._hang_up_idle(fresh_too=False)
         waited = 0.0
         grace = self.config.server.graceful_timeout
+        fresh_closed = False
         while self.ctx.connections and waited < grace:
             yield task.deferLater(self.reactor, 0.1, lambda: None)
             waited += 0.1
+            if not fresh_closed and waited >= FIRST_REQUEST_GRACE:
+                fresh_closed = True
+                self._hang_up_idle(fresh_too=True)
         for conn in list(self.ctx.connections):
             conn.transport.abortConnection()
         if self._sweeper is not None and self._sweeper.running:

@@ -67,14 +67,20 @@ def get(port: int, path: str = "/", headers=None) -> tuple[int, str, str, bytes]
 
 
 def backends(port: int, n: int = 24) -> tuple[Counter, set]:
-    """Which backend answered n requests, and which worker pids served them."""
+    """Which backend answered n requests, four at a time (so that every worker takes
+    some), and which worker pids served them."""
+    from concurrent.futures import ThreadPoolExecutor
     names, pids = Counter(), set()
-    for _ in range(n):
-        status, name, served, body = get(port)
-        assert status == 200, (status, body[:200])
-        names[name] += 1
-        pids.add(int(SERVED.search(served).group(2)))
+    with ThreadPoolExecutor(4) as pool:
+        for status, name, served, body in pool.map(lambda _: get(port), range(n)):
+            assert status == 200, (status, body[:200])
+            names[name] += 1
+            pids.add(int(SERVED.search(served).group(2)))
     return names, pids
+
+
+def every_worker_serves(port: int, n: int = 2) -> None:
+    wait_until(lambda: len(backends(port, 16)[1]) == n, 10, f"{n} workers answering")
 
 
 def manager_post(admin_port: int, **fields) -> int:
@@ -110,12 +116,12 @@ def test_a_manager_change_is_in_force_in_every_worker_when_the_post_is_answered(
         a, b = lab.echos("a", "b")
         proxy = lab.proxy(lambda ports: config(ports, a.url, b.url))
         serving(proxy)
-        names, pids = backends(proxy.port)
-        assert set(names) == {"a", "b"} and len(pids) == 2
+        every_worker_serves(proxy.port)
+        assert set(backends(proxy.port)[0]) == {"a", "b"}
         assert manager_post(proxy.ports["admin"], w="b", w_status_D="1") == 200
         # from the answer on, no worker sends anything to b: never once
-        names, pids = backends(proxy.port, 40)
-        assert names == Counter(a=40) and len(pids) == 2, (names, pids)
+        names, pids = backends(proxy.port, 60)
+        assert names == Counter(a=60), names
         assert manager_post(proxy.ports["admin"], w="b", w_status_D="0") == 200
         assert set(backends(proxy.port)[0]) == {"a", "b"}
         proxy.assert_clean()
@@ -126,15 +132,18 @@ def test_status_and_metrics_count_every_workers_requests(tmp_path):
         a, b = lab.echos("a", "b")
         proxy = lab.proxy(lambda ports: config(ports, a.url, b.url))
         serving(proxy)
+        every_worker_serves(proxy.port)
+        before = int(status_auto(proxy.ports["admin"])["Total Accesses"])
         names, pids = backends(proxy.port, 30)
-        assert len(pids) == 2
+        assert len(pids) == 2, "both workers answered some"
         st = status_auto(proxy.ports["admin"])
-        assert st["Processes"] == "2" and st["Total Accesses"] == "30"
+        assert st["Processes"] == "2" and int(st["Total Accesses"]) == before + 30
         elected = sum(int(v) for k, v in st.items() if k.endswith("Elected"))
-        assert elected == 30
+        assert elected == before + 30
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{proxy.ports['admin']}/metrics", timeout=10).read().decode()
-        assert re.search(r'^twistproxy_process_requests_total 30\.0$', metrics, re.M), metrics
+        assert re.search(rf'^twistproxy_process_requests_total {before + 30}\.0$', metrics,
+                         re.M), metrics
         # the same page on a vhost route: asked of a worker, answered by the master
         st = status_auto(proxy.port, "/route-status?auto", host="proxy.test")
         assert st["Processes"] == "2" and int(st["Total Accesses"]) >= 30
