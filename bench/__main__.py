@@ -144,7 +144,8 @@ def skipped(scn, proxy) -> bool:
     """A pairing plan() noted as not run, or outside a variant's own scenarios."""
     return ((scn.members == "pair" and not proxy.balancer)
             or proxy.unsupported(scn.mode) is not None
-            or bool(proxy.only) and scn.name not in proxy.only)
+            or bool(proxy.only) and scn.name not in proxy.only
+            or bool(scn.proxies) and proxy.name not in scn.proxies)
 
 
 def measure(args, scns, proxies, workdir: Path) -> tuple[str, dict]:

@@ -115,6 +115,20 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds so far, summed over processes (/proc/PID/stat fields
+    14 and 15, in clock ticks); a process gone meanwhile counts 0."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])     # utime, stime (14, 15 overall)
+    return total / ticks
+
+
 def _status_kib(pid: int, key: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -143,6 +157,7 @@ class MemorySampler:
         self.limit_kib = limit_kib
         self.peak_rss = 0
         self.hwm = 0
+        self.hwm_one = 0
         self.over_limit = False
         self._pids = tree(pid)
         self._stop = threading.Event()
@@ -167,3 +182,5 @@ class MemorySampler:
         pids = tree(self.pid)
         self.peak_rss = max(self.peak_rss, memory_kib(pids))
         self.hwm = memory_kib(pids, "VmHWM")
+        # the largest one process's own peak: with a master, the worker that streamed
+        self.hwm_one = max((_status_kib(p, "VmHWM") for p in pids), default=0)

@@ -52,7 +52,7 @@ class Direct(Proxy):
 
 
 class TwistProxy(Proxy):
-    name, label = "twistproxy", "twistproxy (1 process)"
+    name, label = "twistproxy", "twistproxy (1 process)"    # one worker, and its master
     server = ""                       # extra [server] lines
 
     def start(self, workdir, port, members, tag, mode="http"):
@@ -92,6 +92,7 @@ server_name = "localhost"
 
 class Nginx(Proxy):
     name, label = "nginx", "nginx (1 worker)"
+    workers = 1
     cannot = {"connect": "nginx has no CONNECT (forward proxy) support"}
 
     def available(self):
@@ -108,7 +109,7 @@ class Nginx(Proxy):
         d = workdir
         conf = d / f"{tag}.conf"
         conf.write_text(f"""\
-worker_processes 1;
+worker_processes {self.workers};
 worker_rlimit_nofile {fd_limit()};
 daemon off;
 pid {d}/{tag}.pid;
@@ -150,6 +151,7 @@ class TwistProxyNoSpin(TwistProxy):
 
 class HAProxy(Proxy):
     name, label = "haproxy", "haproxy (1 thread)"
+    threads = 1
     cannot = {"connect": "haproxy cannot serve CONNECT (it is no forward proxy)"}
 
     def available(self):
@@ -162,7 +164,7 @@ class HAProxy(Proxy):
         conf = workdir / f"{tag}.cfg"
         conf.write_text(f"""\
 global
-    nbthread 1
+    nbthread {self.threads}
     maxconn {fd_limit() // 2 - 100}
     log stdout format raw local0
 defaults
@@ -304,6 +306,32 @@ class ProxyPy(Proxy):
         ], workdir, env={**os.environ, "BENCH_BACKEND_PORT": str(members[0])})
 
 
+class TwistProxy2(TwistProxy):
+    name, label = "twistproxy-2", "twistproxy (2 worker processes)"
+    server = "worker_processes = 2\n"
+    only = ("workers",)
+
+
+class TwistProxySingle(TwistProxy):
+    """No master: the one process of master_process = false (before worker processes)."""
+    name, label = "twistproxy-single", "twistproxy (master_process = false)"
+    server = "master_process = false\n"
+    only = ("workers",)
+
+
+class Nginx2(Nginx):
+    name, label = "nginx-2", "nginx (2 workers)"
+    workers = 2
+    only = ("workers",)
+
+
+class HAProxy2(HAProxy):
+    name, label = "haproxy-2", "haproxy (2 threads)"
+    threads = 2
+    only = ("workers",)
+
+
 ALL = [Direct(), TwistProxy(), TwistProxyNoSpin(), Nginx(), HAProxy(), Apache(), TwistedWeb(),
-       ProxyPy()]
+       ProxyPy(),
+       TwistProxy2(), TwistProxySingle(), Nginx2(), HAProxy2()]
 BY_NAME = {p.name: p for p in ALL}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import load
 from .backends import Backends, Target
-from .procs import MIB, MemorySampler, free_port
+from .procs import MIB, MemorySampler, cpu_seconds, free_port, tree
 from .proxies import Proxy
 
 
@@ -30,6 +30,7 @@ class Scenario:
     members: str = "one"         # "one" backend, a "pair" (balancer), the upload "sink",
                                  # the "ws" echo
     metric: str = "rps"          # what the ratio column compares: rps, p50_ms or mbps
+    proxies: tuple = ()          # when set, the only proxies it runs
 
     @property
     def mode(self) -> str:
@@ -54,6 +55,12 @@ SCENARIOS = [
     Scenario("connect", "one streamed download through a CONNECT tunnel", "connect",
              "stream", metric="mbps"),
 ]
+# one and two processes of each, same run: req/s and CPU seconds per 10k requests
+WORKERS = ("twistproxy", "twistproxy-2", "twistproxy-single", "nginx", "nginx-2",
+           "haproxy", "haproxy-2")
+SCENARIOS.append(Scenario("workers", "128-byte responses, 50 connections, 1 and 2 "
+                          "processes (CPU: all the proxy's processes)", "wrk", "small", 50,
+                          proxies=WORKERS))
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 
@@ -115,8 +122,14 @@ def run(scn: Scenario, proxy: Proxy, env: Env, tag: str) -> dict:
         if proc:
             sampler = MemorySampler(proc.pid, limit_kib=env.rss_limit_mib * 1024)
         if scn.kind == "wrk":
+            # CPU of every process of the proxy (a master and its workers), from /proc
+            pids = tree(proc.pid) if proc else []
+            cpu = cpu_seconds(pids)
             result = load.wrk(env.wrk, port, target.path, scn.connections,
                               env.duration, scn.threads, target.headers)
+            if proc and result.get("requests"):
+                used = cpu_seconds(tree(proc.pid)) - cpu
+                result["cpu_per_10k"] = round(used / result["requests"] * 10000, 4)
         elif scn.kind == "websocket":
             result = load.websocket(port, target, scn.connections, env.duration)
         else:
@@ -148,6 +161,7 @@ def run(scn: Scenario, proxy: Proxy, env: Env, tag: str) -> dict:
     if sampler:
         result["rss_mib"] = round(sampler.peak_rss / 1024, 1)
         result["peak_rss_mib"] = round(sampler.hwm / 1024, 1)
+        result["peak_rss_one_mib"] = round(sampler.hwm_one / 1024, 1)
     log = env.workdir / f"{tag}.access.log"
     if log.exists():                              # proof that logging was on
         with open(log, "rb") as f:

@@ -48,3 +48,27 @@ def test_bench_quick_run_against_twistproxy(tmp_path):
         ws = doc["scenarios"]["websocket"]["median"]["twistproxy"]
         assert ws["rps"] > 0 and ws["p99_ms"] > 0 and "errors" not in ws, ws
         assert ws["socket_errors"] == 0, ws
+
+
+def test_bench_workers_scenario_measures_cpu_of_every_process(tmp_path):
+    """One and two worker processes, same run: req/s and the CPU of the master and its
+    workers per 10k requests (from /proc), and the scaling target line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--proxies", "twistproxy,twistproxy-2",
+         "--duration", "1", "--rounds", "1", "--scenarios", "workers",
+         "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CPU s/10k" in done.stdout and "workers: 2 processes >= 1.1x" in done.stdout
+    (path,) = tmp_path.glob("*.json")
+    runs = json.loads(path.read_text())["scenarios"]["workers"]["median"]
+    assert runs["twistproxy"]["cpu_per_10k"] > 0 and runs["twistproxy-2"]["cpu_per_10k"] > 0
+
+
+def test_cpu_seconds_reads_proc():
+    sys.path.insert(0, str(ROOT))
+    from bench.procs import cpu_seconds, tree
+    sum(i * i for i in range(200000))          # some CPU of our own
+    assert cpu_seconds([os.getpid()]) > 0
+    assert cpu_seconds(tree(os.getpid())) >= cpu_seconds([os.getpid()])
+    assert cpu_seconds([999999999]) == 0       # gone: counts nothing
