@@ -67,6 +67,18 @@ def get(port: int, path: str = "/", headers=None, timeout=10.0, context=None):
         c.close()
 
 
+def served_by_header(port: int) -> tuple[int, str | None]:
+    """(status, the X-Served-By header or None) of one request."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", "/", headers={"Host": "proxy.test"})
+        r = c.getresponse()
+        r.read()
+        return r.status, r.getheader("X-Served-By")
+    finally:
+        c.close()
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -124,12 +136,7 @@ def test_default_is_a_master_and_one_worker_and_header_is_off(tmp_path):
         echo = lab.echo("app")
         proxy = lab.proxy(lambda ports: config(ports, echo.url, workers=1).replace(
             'served_by_header = "X-Served-By"', ""))
-        c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-        c.request("GET", "/", headers={"Host": "proxy.test"})
-        r = c.getresponse()
-        r.read()
-        c.close()
-        assert r.status == 200 and r.getheader("X-Served-By") is None
+        assert served_by_header(proxy.port) == (200, None)
         assert f"master pid {proxy.proc.pid}, 1 worker process\n" in proxy.log()
         assert len(worker_pids(proxy)) == 1
 
@@ -139,12 +146,7 @@ def test_master_process_false_is_one_process(tmp_path):
         echo = lab.echo("app")
         proxy = lab.proxy(lambda ports: config(ports, echo.url, workers=1).replace(
             "[server]", "[server]\nmaster_process = false"))
-        c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-        c.request("GET", "/", headers={"Host": "proxy.test"})
-        r = c.getresponse()
-        r.read()
-        c.close()
-        assert r.getheader("X-Served-By") == f"twistproxy pid {proxy.proc.pid}"
+        assert served_by_header(proxy.port) == (200, f"twistproxy pid {proxy.proc.pid}")
         assert "master pid" not in proxy.log() and worker_pids(proxy) == {}
 
 
@@ -364,6 +366,8 @@ def test_twistd_runs_workers_and_pidfile_names_the_master(tmp_path):
             # (the port opens at bind, before twistd writes its pid file)
             wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "pid")
             assert int(pidfile.read_text()) == proc.pid
+            wait_until(lambda: logfile.read_text().count(" serving\n") == 2, 15,
+                       "both workers serving")
             seen = served_by_all(port, 2)
             assert sorted(seen) == [1, 2] and proc.pid not in seen.values()
         finally:

@@ -103,6 +103,14 @@ def status_auto(port: int, path: str = "/server-status?auto", host: str | None =
     return dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
 
 
+def farm(lab, workers: int = 2):
+    """A master with `workers` workers serving, in front of backends a and b."""
+    a, b = lab.echos("a", "b")
+    proxy = lab.proxy(lambda ports: config(ports, a.url, b.url, workers=workers))
+    serving(proxy, workers)
+    return proxy
+
+
 def serving(proxy, n: int = 2) -> None:
     wait_until(lambda: len(proxy.log_lines(" serving")) >= n, 15, f"{n} workers serving")
 
@@ -113,9 +121,7 @@ def reloaded(proxy, generation: int) -> None:
 
 def test_a_manager_change_is_in_force_in_every_worker_when_the_post_is_answered(tmp_path):
     with Lab(tmp_path) as lab:
-        a, b = lab.echos("a", "b")
-        proxy = lab.proxy(lambda ports: config(ports, a.url, b.url))
-        serving(proxy)
+        proxy = farm(lab)
         every_worker_serves(proxy.port)
         assert set(backends(proxy.port)[0]) == {"a", "b"}
         assert manager_post(proxy.ports["admin"], w="b", w_status_D="1") == 200
@@ -129,9 +135,7 @@ def test_a_manager_change_is_in_force_in_every_worker_when_the_post_is_answered(
 
 def test_status_and_metrics_count_every_workers_requests(tmp_path):
     with Lab(tmp_path) as lab:
-        a, b = lab.echos("a", "b")
-        proxy = lab.proxy(lambda ports: config(ports, a.url, b.url))
-        serving(proxy)
+        proxy = farm(lab)
         every_worker_serves(proxy.port)
         before = int(status_auto(proxy.ports["admin"])["Total Accesses"])
         names, pids = backends(proxy.port, 30)
@@ -151,9 +155,7 @@ def test_status_and_metrics_count_every_workers_requests(tmp_path):
 
 def test_ten_reloads_under_load_fail_no_request(tmp_path):
     with Lab(tmp_path) as lab:
-        a, b = lab.echos("a", "b")
-        proxy = lab.proxy(lambda ports: config(ports, a.url, b.url))
-        serving(proxy)
+        proxy = farm(lab)
         load = Load(proxy.port, threads=3)
         try:
             for generation in range(2, 12):
@@ -179,9 +181,7 @@ def test_ten_reloads_under_load_fail_no_request(tmp_path):
 
 def test_a_broken_file_at_reload_changes_nothing(tmp_path):
     with Lab(tmp_path) as lab:
-        a, b = lab.echos("a", "b")
-        proxy = lab.proxy(lambda ports: config(ports, a.url, b.url))
-        serving(proxy)
+        proxy = farm(lab)
         before = backends(proxy.port)[1]
         good = proxy.path.read_text()
         proxy.path.write_text(good.replace('route = "b"', 'route = "b"\n  loadfactor = 900'))
@@ -238,9 +238,7 @@ def test_reload_adds_and_drops_listeners_and_keeps_the_unchanged_one_open(tmp_pa
 
 def test_a_manager_change_survives_a_reload(tmp_path):
     with Lab(tmp_path) as lab:
-        a, b = lab.echos("a", "b")
-        proxy = lab.proxy(lambda ports: config(ports, a.url, b.url, workers=1))
-        serving(proxy, 1)
+        proxy = farm(lab, workers=1)
         assert manager_post(proxy.ports["admin"], w="b", w_status_D="1") == 200
         proxy.proc.send_signal(signal.SIGHUP)
         reloaded(proxy, 2)
@@ -251,9 +249,7 @@ def test_a_manager_change_survives_a_reload(tmp_path):
 
 def test_a_request_in_flight_finishes_across_a_reload(tmp_path):
     with Lab(tmp_path) as lab:
-        a, b = lab.echos("a", "b")
-        proxy = lab.proxy(lambda ports: config(ports, a.url, b.url))
-        serving(proxy)
+        proxy = farm(lab)
         out = {}
         slow = threading.Thread(target=lambda: out.setdefault(
             "r", get(proxy.port, "/slow", {"X-Echo-Delay": "2"})))
