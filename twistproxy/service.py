@@ -28,6 +28,22 @@ log = Logger(namespace="twistproxy")
 FIRST_REQUEST_GRACE = 2.0   # at a stop, how long a new connection may take to send a request
 
 
+def accept_one_at_a_time(port) -> None:
+    """Workers share one accept queue and all wake for a new connection; Twisted's
+    port accepts up to 100 (and more) per wake, so the first worker awake would take
+    a whole burst of long-lived keep-alive connections. One per wake (nginx's
+    `multi_accept off`) spreads them over the workers."""
+    cls = type(port)
+    one = _ONE_ACCEPT.get(cls)
+    if one is None:
+        one = _ONE_ACCEPT[cls] = type(f"OneAccept{cls.__name__}", (cls,), {
+            "numberAccepts": property(lambda self: 1, lambda self, value: None)})
+    port.__class__ = one
+
+
+_ONE_ACCEPT: dict = {}
+
+
 class StartupError(Exception):
     """One line saying why the proxy cannot start."""
 
@@ -88,7 +104,10 @@ class ProxyService(MultiService):
                                     b.listen)
             if tls is not None:
                 factory = listener_factory(tls, factory)
-            self.ports.append(self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory))
+            port = self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory)
+            if self.controlled and self.config.server.worker_processes > 1:
+                accept_one_at_a_time(port)
+            self.ports.append(port)
             b.sock.close()       # the reactor holds its own duplicate
             log.info("listening on {key}", key=b.listen.key if b.listen.port else
                      f"{b.listen.address}:{b.port}")
