@@ -176,8 +176,15 @@ def member_row(driver, url: str) -> dict[str, str]:
 
 def click_submit(driver) -> None:
     """A real click on the form's Submit button, then wait for the next page."""
+    from selenium.common.exceptions import WebDriverException
     button = driver.find_element(By.CSS_SELECTOR, "form input[type=submit]")
-    button.click()
+    try:
+        button.click()
+    except WebDriverException as e:
+        # Chromium may answer the click after the form's page has already replaced
+        # the document (seen once in a full run): the click was made, go on waiting
+        if "does not belong to the document" not in str(e):
+            raise
     wait(driver).until(EC.staleness_of(button))
 
 
