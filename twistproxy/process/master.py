@@ -155,12 +155,7 @@ class Plane:
         from ..admin import persist
         runtime = self.ctx.runtime
         rows = control.edits_of_edits(persist.edits_from(persist.state_of(runtime), runtime))
-        for b in runtime.balancers.values():
-            for m in b.members:
-                for f in "EC":
-                    if f in m.flags:
-                        rows.append([b.name, m.config.url.raw, f"status.{f}", True])
-        return rows
+        return rows + _flag_rows(runtime, runtime)
 
     def carry_from(self, old: "Plane") -> int:
         """A reload: the old plane's admin state for what still exists here, and its
@@ -168,11 +163,7 @@ class Plane:
         from ..admin import persist
         state = persist.still_existing(persist.state_of(old.ctx.runtime), self.ctx.runtime)
         rows = control.edits_of_edits(persist.edits_from(state, self.ctx.runtime))
-        for b in old.ctx.runtime.balancers.values():
-            for m in b.members:
-                for f in "EC":
-                    if f in m.flags:
-                        rows.append([b.name, m.config.url.raw, f"status.{f}", True])
+        rows += _flag_rows(old.ctx.runtime, self.ctx.runtime)
         n = 0
         for batch in control.batches(rows):
             try:
@@ -185,6 +176,23 @@ class Plane:
                 if name in self.admin.nonces:
                     self.admin.nonces[name] = nonce
         return n
+
+
+def _flag_rows(source, target) -> list[list]:
+    """Edits setting the error (E) and health (C) flags `source`'s members have, for
+    the members `target` has too (a reload's new configuration may have dropped some:
+    an edit naming one would refuse its whole batch)."""
+    from ..runtime.state import find_member
+    rows = []
+    for b in source.balancers.values():
+        there = target.balancers.get(b.name)
+        for m in b.members:
+            if there is None or find_member(there, m.config.url.raw) is None:
+                continue
+            for f in "EC":
+                if f in m.flags:
+                    rows.append([b.name, m.config.url.raw, f"status.{f}", True])
+    return rows
 
 
 class Generation:
@@ -607,14 +615,7 @@ class MasterService(Service):
 
     @defer.inlineCallbacks
     def _drain(self, gen: Generation):
-        running = list(gen.workers.values())
-        for w in running:
-            self._signal(w, "TERM")
-        killer = self.reactor.callLater(gen.config.server.graceful_timeout + KILL_MARGIN,
-                                        self._kill, running)
-        yield defer.DeferredList([w.ended for w in running])
-        if killer.active():
-            killer.cancel()
+        yield self._terminate(list(gen.workers.values()), gen.config.server.graceful_timeout)
         if gen in self.draining:
             self.draining.remove(gen)
         closing = getattr(gen, "closing_log", None)
@@ -638,8 +639,7 @@ class MasterService(Service):
         running = [w for g in gens for w in g.workers.values()]
         log.info("stopping: {n} worker(s) finish in-flight requests (at most {t:g}s)",
                  n=len(running), t=self.config.server.graceful_timeout)
-        for w in running:
-            self._signal(w, "TERM")
+        ended = self._terminate(running, self.config.server.graceful_timeout)
         if self.admin_port is not None:
             yield defer.maybeDeferred(self.admin_port.stopListening)
         if self.admin_bound is not None:
@@ -648,15 +648,24 @@ class MasterService(Service):
         # listening too, the port is closed and new connections are refused
         for b in self.bound:
             b.sock.close()
-        killer = self.reactor.callLater(self.config.server.graceful_timeout + KILL_MARGIN,
-                                        self._kill, running)
-        yield defer.DeferredList([w.ended for w in running])
-        if killer.active():
-            killer.cancel()
+        yield ended
         if self.access_log is not None:
             self.access_log.close()
         log.info("all workers have exited")
         yield defer.maybeDeferred(super().stopService)
+
+    def _terminate(self, workers, grace: float):
+        """SIGTERM to each worker (a graceful stop); SIGKILL to those still there
+        `grace` + KILL_MARGIN seconds later. A Deferred that fires once all have ended."""
+        for w in workers:
+            self._signal(w, "TERM")
+        killer = self.reactor.callLater(grace + KILL_MARGIN, self._kill, workers)
+
+        def ended(result):
+            if killer.active():
+                killer.cancel()
+            return result
+        return defer.DeferredList([w.ended for w in workers]).addBoth(ended)
 
     def _kill(self, workers) -> None:
         for w in workers:
