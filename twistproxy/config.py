@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import ntpath
 import os
+import posixpath
 import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+from .windows import WINDOWS
 
 __all__ = [
     "ConfigError", "Config", "ServerConfig", "ListenConfig", "VhostConfig",
@@ -199,7 +203,8 @@ class BalancerConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    access_log: str = "-"
+    access_log: str = "-"               # a file, "-" for standard output, "" for none
+    error_log: str = ""                 # the service log: a file; "": standard error
     server_tokens: str = "prod"
     timeout: float = 60.0
     keepalive_timeout: float = 5.0
@@ -213,7 +218,7 @@ class ServerConfig:
     limit_request_fields: int = 100
     busy_poll: int = 100                # microseconds at most; 0: off (reactor.py)
     worker_processes: int = 1           # "auto" is resolved to the usable CPUs at load
-    master_process: bool = True         # false: one process, no reload (nginx's name)
+    master_process: bool = not WINDOWS  # false: one process, no reload (nginx's name)
     graceful_timeout: float = 10.0      # seconds in-flight requests get at a stop
     served_by_header: str = ""          # a response header naming the process; "": none
     handover_socket: str = ""           # UNIX socket handing the listeners over; "": off
@@ -265,24 +270,38 @@ class Config:
 # loading
 
 
-def load(path: str) -> Config:
+def load(path: str, windows: bool = WINDOWS) -> Config:
     try:
         with open(path, "rb") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        return loads(text.decode("utf-8-sig"), path)
+        return loads(text.decode("utf-8-sig"), path, windows)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def loads(text: str, path: str = "<config>") -> Config:
+def loads(text: str, path: str = "<config>", windows: bool = WINDOWS) -> Config:
+    """`windows`: read it as Windows would (its paths, one process); the default is
+    the system's."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return _Loader(path).config(data)
+        raise ConfigError(f"{path}: not valid TOML: {e}{_backslash_hint(text, e)}") from None
+    return _Loader(path, windows).config(data)
+
+
+def _backslash_hint(text: str, e: tomllib.TOMLDecodeError) -> str:
+    """A Windows path in a "double-quoted" TOML string is the usual cause of a bad
+    escape: say how to write it."""
+    at = re.search(r"at line (\d+)", str(e))
+    lines = text.splitlines()
+    line = lines[int(at.group(1)) - 1] if at and 0 < int(at.group(1)) <= len(lines) else ""
+    if "\\" in line and re.search(r"Unescaped|escape|hex value", str(e)):
+        return (" (a Windows path? in \"double quotes\" a backslash starts an escape: "
+                "write 'C:\\certs\\site.pem' in single quotes, or use forward slashes)")
+    return ""
 
 
 def member_url(value: str, where: str = "b_nwrkr") -> BackendURL:
@@ -315,8 +334,10 @@ def listen_key(address: str, port: int) -> str:
 
 
 class _Loader:
-    def __init__(self, path: str):
+    def __init__(self, path: str, windows: bool = WINDOWS):
         self.path = path
+        self.windows = windows
+        self.paths = ntpath if windows else posixpath    # how file names are read
 
     # -- error helpers -----------------------------------------------------
 
@@ -445,6 +466,8 @@ class _Loader:
                 raise self.fail(f"listen[{i}]", l.key, "is served by no [[vhost]] "
                                 "(every vhost's 'listen' leaves it out)")
         admin = self.admin(data["admin"], listeners) if "admin" in data else None
+        if self.windows:
+            self.windows_process_model(server)
         if not server.master_process and server.worker_processes > 1:
             raise self.fail("server.worker_processes", server.worker_processes,
                             "needs server.master_process = true (the master spawns them)")
@@ -496,7 +519,9 @@ class _Loader:
         raw = self.table(w, raw, tuple(ServerConfig.__dataclass_fields__))
         d = ServerConfig()
         return ServerConfig(
-            access_log=self.string(f"{w}.access_log", raw.get("access_log", d.access_log)),
+            access_log=self.log_target(f"{w}.access_log", raw.get("access_log", d.access_log)),
+            error_log=self.log_target(f"{w}.error_log", raw.get("error_log", d.error_log),
+                                      console_ok=False),
             server_tokens=self.choice(f"{w}.server_tokens",
                                       raw.get("server_tokens", d.server_tokens), _SERVER_TOKENS),
             timeout=self.duration(f"{w}.timeout", raw.get("timeout", d.timeout), lo=0.001),
@@ -527,7 +552,7 @@ class _Loader:
             worker_processes=self.worker_processes(
                 f"{w}.worker_processes", raw.get("worker_processes", d.worker_processes)),
             master_process=self.boolean(f"{w}.master_process",
-                                        raw.get("master_process", d.master_process)),
+                                        raw.get("master_process", not self.windows)),
             graceful_timeout=self.duration(f"{w}.graceful_timeout",
                                            raw.get("graceful_timeout", d.graceful_timeout)),
             served_by_header=self.header_name(f"{w}.served_by_header",
@@ -535,6 +560,27 @@ class _Loader:
             handover_socket=self.unix_socket(f"{w}.handover_socket",
                                              raw.get("handover_socket", d.handover_socket)),
         )
+
+    def windows_process_model(self, server: ServerConfig) -> None:
+        """Windows has neither fork nor a way to pass listening sockets to children
+        that Twisted adopts, nor SIGHUP: one process serves, and a restart of the
+        service is the reload (README, Windows)."""
+        why = "on Windows twistproxy runs as one process (no master or workers)"
+        if server.master_process:
+            raise self.fail("server.master_process", True, f"is POSIX only: {why}")
+        if server.worker_processes > 1:
+            raise self.fail("server.worker_processes", server.worker_processes,
+                            f"is POSIX only: {why}")
+
+    def log_target(self, where: str, value: Any, console_ok: bool = True) -> str:
+        """A log file (relative: to the configuration file's folder), "" for none or
+        for the default, "-" (standard output) where `console_ok`."""
+        self.string(where, value)
+        if value == "" or (value == "-" and console_ok):
+            return value
+        if value == "-":
+            raise self.fail(where, value, 'must name a file, or be "" for standard error')
+        return self.file(where, value)
 
     def worker_processes(self, where: str, value: Any) -> int:
         """A whole number from 1 to 256, or "auto": the CPUs this process may run on."""
@@ -555,6 +601,10 @@ class _Loader:
         folder that exists, or "" for none."""
         if not self.string(where, value):
             return ""
+        if self.windows:
+            raise self.fail(where, value, "is POSIX only (a UNIX socket passing the "
+                            "listeners with SCM_RIGHTS): on Windows a restart of the "
+                            "service closes the ports for a moment")
         path = self.file(where, value)
         if len(os.fsencode(path)) > 107:
             raise self.fail(where, value, "is too long for a UNIX socket path (at most "
@@ -597,13 +647,19 @@ class _Loader:
         return ListenConfig(address, port, tls, redirect)
 
     def file(self, w: str, value: Any) -> str:
-        """A path; relative ones are relative to the configuration file's folder."""
+        """A path; relative ones are relative to the configuration file's folder. On
+        Windows, drive letters, UNC names and either slash."""
         self.string(w, value)
         if not value:
             raise self.fail(w, value, "must name a file")
-        base = os.path.dirname(os.path.abspath(self.path)) if not self.path.startswith("<") \
+        if any(c in value for c in "\n\t\r\b\f"):
+            raise self.fail(w, value, "has a control character in it: in a \"double-quoted\" "
+                            "TOML string \\n, \\t, \\r, \\b and \\f are escapes; write a "
+                            "Windows path in 'single quotes' or with forward slashes")
+        paths = self.paths
+        base = paths.dirname(paths.abspath(self.path)) if not self.path.startswith("<") \
             else os.getcwd()
-        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        return paths.normpath(paths.join(base, paths.expanduser(value)))
 
     def certificate(self, w: str, raw: dict, names: tuple[str, ...]) -> CertConfig:
         """cert, key and optional chain files of a checked table (the listener's tls
