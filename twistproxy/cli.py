@@ -16,12 +16,27 @@ from . import __version__
 from .config import ConfigError, load
 
 
-def _start_logging(level: str = "info") -> None:
+def _start_logging(level: str = "info", to=None) -> None:
+    """Log to `to` (an open text file, server.error_log's) or standard error."""
     from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                                 globalLogBeginner, textFileLogObserver)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    observer = FilteringLogObserver(textFileLogObserver(to or sys.stderr), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def open_error_log(config):
+    """server.error_log opened for appending (line-buffered), or None for standard
+    error; StartupError when it cannot be opened."""
+    from .service import StartupError
+    path = config.server.error_log
+    if not path:
+        return None
+    try:
+        return open(path, "a", encoding="utf-8", buffering=1)
+    except OSError as e:
+        raise StartupError(f"{config.path}: server.error_log: {path!r} cannot be opened: "
+                           f"{e.strerror or e}") from None
 
 
 def _run_service(service, reactor) -> None:
@@ -32,6 +47,8 @@ def _run_service(service, reactor) -> None:
 
 def cmd_check(args) -> int:
     from .tls import check_files
+    from .windows import WINDOWS
+    from .windows.binding import iis_warnings
     try:
         config = load(args.file)
         check_files(config)
@@ -39,10 +56,13 @@ def cmd_check(args) -> int:
         print(e, file=sys.stderr)
         return 2
     print(config.summary())
+    for line in iis_warnings(config.listeners, WINDOWS):
+        print(f"{config.path}: {line}", file=sys.stderr)
     return 0
 
 
 def cmd_run(args) -> int:
+    from .listeners import BindError
     from .service import StartupError, build_service
     try:
         config = load(args.file)
@@ -50,6 +70,7 @@ def cmd_run(args) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
+        error_log = open_error_log(config)
         service = build_service(config, takeover=args.takeover)
     except ConfigError as e:            # a certificate, key or CA file
         print(e, file=sys.stderr)
@@ -59,6 +80,7 @@ def cmd_run(args) -> int:
         return 1
     if hasattr(service, "log_level"):      # a master: its workers log at this level
         service.log_level = args.log_level
+        service.reactor_name = args.reactor   # ... and run this reactor
     if args.pidfile:
         try:
             _write_pidfile(args.pidfile)
@@ -66,9 +88,12 @@ def cmd_run(args) -> int:
             print(f"--pidfile: {args.pidfile!r} cannot be written: {e.strerror or e}",
                   file=sys.stderr)
             return 1
-    _start_logging(args.log_level)
+    _start_logging(args.log_level, error_log)
     try:
         _run_service(service, service.reactor)
+    except BindError as e:       # a reactor that binds again lost a race for a port
+        print(e, file=sys.stderr)
+        return 1
     finally:
         if args.pidfile:
             _remove_pidfile(args.pidfile)
@@ -144,6 +169,10 @@ def main(argv=None) -> int:
     p.add_argument("--takeover", action="store_true",
                    help="take the listening sockets over from the process on the file's "
                         "[server] handover_socket, which then stops (no port is closed)")
+    p.add_argument("--reactor", default="auto", metavar="NAME",
+                   help="the Twisted reactor: auto (twistproxy's epoll reactor on Linux, "
+                        "Twisted's default elsewhere, select on Windows), or a name from "
+                        "`twistd --help-reactors` (select, poll, epoll, iocp, twistproxy)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("reload", help="make a running twistproxy read its configuration "
                        "again (SIGHUP to the master): new workers start with it, the old "
@@ -171,15 +200,32 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if getattr(args, "reactor", True):
-        _install_reactor()
+    reactor = getattr(args, "reactor", True)
+    if reactor:
+        try:
+            _install_reactor(reactor if isinstance(reactor, str) else "auto")
+        except ValueError as e:
+            print(f"--reactor: {e}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 
-def _install_reactor() -> None:
-    """The proxy's epoll reactor where there is epoll and no reactor is installed yet
-    (twistproxy/reactor.py); otherwise Twisted's default for the platform."""
+def _install_reactor(name: str = "auto") -> None:
+    """`auto`: the proxy's epoll reactor where there is epoll and no reactor is
+    installed yet (twistproxy/reactor.py), otherwise Twisted's default for the platform
+    (select on Windows: README, Windows). Another name: that reactor, or ValueError."""
     if "twisted.internet.reactor" in sys.modules:
+        return
+    if name != "auto":
+        from twisted.application import reactors
+        names = sorted(r.shortName for r in reactors.getReactorTypes())
+        try:
+            reactors.installReactor(name)
+        except reactors.NoSuchReactor:
+            raise ValueError(f"{name!r} is not a reactor here (known: "
+                             f"{', '.join(['auto', *names])})") from None
+        except ImportError as e:
+            raise ValueError(f"{name!r} cannot be used on this system ({e})") from None
         return
     try:
         from .reactor import install

@@ -1,10 +1,10 @@
 """Binding the configured addresses and ports, before anything starts.
 
-Owns turning [[listen]] entries into bound, listening sockets, and turning the
-operating system's refusal into one sentence an operator can act on. Binding happens
-here, apart from the reactor, so that a taken port stops start-up before any service
-runs (nothing half-started) and so that twistd binds privileged ports before it drops
-privileges.
+Owns turning [[listen]] entries into bound, listening sockets, turning the operating
+system's refusal into one sentence an operator can act on (windows/binding.py words
+it), and handing each socket to the reactor (`listen_on`). Binding happens here, apart
+from the reactor, so that a taken port stops start-up before any service runs (nothing
+half-started) and so that twistd binds privileged ports before it drops privileges.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import errno
 import socket
 from dataclasses import dataclass
 
+from twisted.internet import tcp
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorSocket
+
 from .config import ListenConfig
+from .windows import WINDOWS
+from .windows.binding import apply, bind_reason, listen_options
 
 BACKLOG = 1024
 
@@ -37,37 +43,30 @@ class BoundSocket:
         return self.sock.getsockname()[1]
 
 
-_REASONS = {
-    errno.EADDRINUSE: "address already in use (another process owns it)",
-    errno.EACCES: "permission denied (ports below 1024 need privileges)",
-    errno.EADDRNOTAVAIL: "address not available (no interface on this machine has it)",
-}
+def _shown(listen: ListenConfig, address: str) -> str:
+    if listen.address == "*":
+        return f"*:{listen.port}"
+    return f"[{address}]:{listen.port}" if ":" in address else f"{address}:{listen.port}"
 
 
-def bind_one(listen: ListenConfig, address: str | None = None) -> BoundSocket:
+def bind_one(listen: ListenConfig, address: str | None = None,
+             windows: bool = WINDOWS) -> BoundSocket:
     address = address or listen.bind_address
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    shown = f"[{address}]:{listen.port}" if family == socket.AF_INET6 else \
-        f"{address}:{listen.port}"
-    if listen.address == "*":
-        shown = f"*:{listen.port}"
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if listen.address == "*":
-            try:   # "*" means every address of both families
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError:
-                pass
+        # "*" means every address of both families
+        apply(sock, listen_options(windows, dual_stack=family == socket.AF_INET6
+                                   and listen.address == "*"))
         sock.bind((address, listen.port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
         if listen.address == "*" and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-            return bind_one(listen, "0.0.0.0")     # a host without IPv6
-        reason = _REASONS.get(e.errno, e.strerror or str(e))
-        raise BindError(f"cannot listen on {shown}: {reason}") from None
+            return bind_one(listen, "0.0.0.0", windows)     # a host without IPv6
+        raise BindError(f"cannot listen on {_shown(listen, address)}: "
+                        f"{bind_reason(e, listen.port, windows)}") from None
     return BoundSocket(listen, sock)
 
 
@@ -97,3 +96,54 @@ def close_unused(inherited: dict[str, socket.socket], why: str, level: str = "wa
                                             key=key, why=why)
         sock.close()
     inherited.clear()
+
+
+def adopts(reactor) -> bool:
+    """Whether the reactor serves an already bound socket (epoll, poll and select do;
+    IOCP does not)."""
+    return IReactorSocket.providedBy(reactor)
+
+
+def listen_on(reactor, bound: BoundSocket, factory, adopt: bool | None = None,
+              windows: bool = WINDOWS):
+    """The reactor's listening port for `factory` on the socket bind_one made, which
+    is closed here (the reactor holds its own). A reactor that cannot adopt a socket
+    gets the address instead and binds it again at once, with the same options; the
+    first bind was the check, so a failure now is a race with another process, told
+    in the same words (BindError)."""
+    if adopt is None:
+        adopt = adopts(reactor)
+    if adopt:
+        port = reactor.adoptStreamPort(bound.sock.fileno(), bound.family, factory)
+        bound.sock.close()
+        return port
+    address, number = bound.sock.getsockname()[:2]
+    dual_stack = bound.family == socket.AF_INET6 and bound.listen.address == "*"
+    bound.sock.close()
+    port = _port_class(reactor)(number, factory, BACKLOG, address, reactor)
+    port.options = listen_options(windows, dual_stack)
+    try:
+        port.startListening()
+    except CannotListenError as e:
+        raise BindError(f"cannot listen on {_shown(bound.listen, address)}: "
+                        f"{bind_reason(e.socketError, number, windows)}") from None
+    return port
+
+
+class ListenPort(tcp.Port):
+    """Twisted's TCP port (the one listenTCP makes) with our listening options: on
+    Windows, Twisted's own sets none, so SO_EXCLUSIVEADDRUSE would be missing."""
+
+    options: list = []
+
+    def createInternetSocket(self):
+        sock = tcp.Port.createInternetSocket(self)   # SO_REUSEADDR on POSIX, as ours
+        apply(sock, self.options)
+        return sock
+
+
+def _port_class(reactor):
+    if type(reactor).__module__.startswith("twisted.internet.iocpreactor"):
+        from .windows.iocp import ListenPort as IOCPListenPort
+        return IOCPListenPort
+    return ListenPort

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ConfigError
-from .listeners import BindError, BoundSocket, bind_all, close_unused
+from . import listeners
+from .listeners import BindError, BoundSocket, bind_all, close_unused, listen_on
 from .proxy import ProxyContext
 from .tls import check_files, listener_factory
 from .wire.client import ClientFactory
@@ -96,6 +97,8 @@ class ProxyService(MultiService):
         elif busy_poll:
             log.info("server.busy_poll does not apply: it needs the twistproxy reactor "
                      "(twistd --reactor=twistproxy), not {reactor}", reactor=reactor_name)
+        if not listeners.adopts(self.reactor):   # IOCP (or PORTABLE_RUN in the tests)
+            reactor_name += " (it binds each listener itself: no socket adoption)"
         log.info("twistproxy {version} on {reactor}", version=__version__,
                  reactor=reactor_name)
         for b in self.bound:
@@ -104,11 +107,10 @@ class ProxyService(MultiService):
                                     b.listen)
             if tls is not None:
                 factory = listener_factory(tls, factory)
-            port = self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory)
+            port = listen_on(self.reactor, b, factory)
             if self.controlled and self.config.server.worker_processes > 1:
                 accept_one_at_a_time(port)
             self.ports.append(port)
-            b.sock.close()       # the reactor holds its own duplicate
             log.info("listening on {key}", key=b.listen.key if b.listen.port else
                      f"{b.listen.address}:{b.port}")
         if self.admin is not None:
@@ -134,8 +136,7 @@ class ProxyService(MultiService):
         tls = self.tls.get("admin")
         if tls is not None:
             factory = listener_factory(tls, factory)
-        self.ports.append(self.reactor.adoptStreamPort(b.sock.fileno(), b.family, factory))
-        b.sock.close()
+        self.ports.append(listen_on(self.reactor, b, factory))
         scheme = "https" if tls is not None else "http"
         log.info("admin listener on {scheme}://{key}/ ({pages})", scheme=scheme,
                  key=b.listen.key if b.listen.port else f"{b.listen.address}:{b.port}",

@@ -256,14 +256,25 @@ def one_process_unless_asked(text: str) -> str:
     return "[server]\nmaster_process = false\n" + text
 
 
+# `twistproxy run` as on Windows: Twisted's portable select reactor, and listeners that
+# the reactor binds again itself (listenTCP's port), as a reactor without
+# adoptStreamPort (IOCP) has them; conftest's `each_reactor` runs tests both ways
+PORTABLE_RUN = ("import sys; import twistproxy.listeners as listeners; "
+                "listeners.adopts = lambda reactor: False; "
+                "from twistproxy.cli import main; "
+                "sys.exit(main(sys.argv[1:] + ['--reactor', 'select']))")
+
+
 class Proxy:
     """twistproxy run on a generated config; `port` is the first listener's port.
 
     `config` is the TOML text, or a function of a `Ports` (`lambda ports:
     basic_config(routes, ports[0])`): then the ports are the harness's to choose, and a
-    start that fails to bind is retried on new ones (`ports` says which were used)."""
+    start that fails to bind is retried on new ones (`ports` says which were used).
+    With `Proxy.portable` set (conftest's each_reactor) it runs as PORTABLE_RUN."""
 
     ATTEMPTS = 4
+    portable = False
 
     def __init__(self, config, tmp: Path, wait=True, name="proxy.toml", args=()):
         self.args = tuple(args)          # more `twistproxy run` options (--takeover)
@@ -291,8 +302,9 @@ class Proxy:
         self.port = tomllib.loads(text)["listen"][0]["port"]
         self._log = open(self.log_path, "wb")
         self._out = open(self.out_path, "wb")
+        command = ["-c", PORTABLE_RUN] if self.portable else ["-m", "twistproxy.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twistproxy.cli", "run", str(self.path),
+            [sys.executable, *command, "run", str(self.path),
              "--log-level", "debug", *self.args], stdout=self._out, stderr=self._log,
             cwd=ROOT)
 

@@ -350,7 +350,7 @@ def backends():
 
 
 @pytest.fixture(scope="module")
-def env(backends, tmp_path_factory):
+def env(backends, tmp_path_factory, each_reactor):
     echo, raws = backends
     proxy = Proxy(lambda ports: config_for(ports[0], echo, raws),
                   tmp_path_factory.mktemp("bodies"))
@@ -363,7 +363,7 @@ def env(backends, tmp_path_factory):
 
 
 @pytest.fixture
-def fresh(backends, tmp_path):
+def fresh(backends, tmp_path, each_reactor):
     """A proxy of its own, for a test that measures the proxy's peak memory."""
     echo, raws = backends
     proxy = Proxy(lambda ports: config_for(ports[0], echo, {"slow": raws["slow"]}), tmp_path)

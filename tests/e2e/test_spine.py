@@ -37,7 +37,7 @@ def echoes():
         e.stop()
 
 
-def test_two_listeners_same_port_on_two_ips(tmp_path, echoes):
+def test_two_listeners_same_port_on_two_ips(tmp_path, echoes, each_reactor):
     a, b = echoes
     port = free_port("127.0.0.2")
     cfg = f"""
@@ -76,10 +76,16 @@ listen = ["127.0.0.3:{port}"]
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
     finally:
         assert proxy.stop() == 0
-    # `twistproxy run` installs the proxy's own epoll reactor (twistproxy/reactor.py)
-    assert "twistproxy 0." in proxy.log() and " on ProxyReactor (busy_poll 100us)" in proxy.log()
+    if each_reactor == "epoll":
+        # `twistproxy run` installs the proxy's own epoll reactor (twistproxy/reactor.py)
+        assert "twistproxy 0." in proxy.log() and " on ProxyReactor (busy_poll 100us)" \
+            in proxy.log()
+    else:      # as on Windows: the reactor bound the listeners again itself
+        assert " on SelectReactor (it binds each listener itself: no socket adoption)" \
+            in proxy.log()
 
 
+@pytest.mark.usefixtures("each_reactor")
 def test_wildcard_listener_serves_every_loopback_address(tmp_path, echoes):
     port = free_port()
     cfg = f"""
@@ -101,6 +107,34 @@ server_name = "any.test"
         proxy.stop()
 
 
+@pytest.mark.usefixtures("each_reactor")
+def test_star_listener_serves_ipv4_and_ipv6(tmp_path, echoes):
+    """"*" is every address of both families: one dual-stack socket (IPV6_V6ONLY off,
+    which Windows would not give by default), rebound the same way by the reactor."""
+    try:
+        port = free_port("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    cfg = f"""
+[[listen]]
+address = "*"
+port = {port}
+[[vhost]]
+server_name = "star.test"
+  [[vhost.route]]
+  path = "/"
+  url = "{echoes[0].url}/"
+"""
+    proxy = Proxy(cfg, tmp_path)
+    try:
+        for host in ("127.0.0.1", "::1"):
+            r = get(host, port)
+            assert r.status == 200 and r.json()["server"] == "site-a"
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.usefixtures("each_reactor")
 def test_ipv6_loopback_listener(tmp_path, echoes):
     try:
         port = free_port("::1")
@@ -280,6 +314,46 @@ server_name = "t"
         assert "reactor class: twistproxy.reactor.ProxyReactor" in log
     # whatever reactor twistd gave the master, its worker serves on the proxy's own
     assert "worker 1: twistproxy 0.1.0 on ProxyReactor (busy_poll 100us)" in log
+
+
+# twistd as on Windows: Twisted's Windows runner (no fork, no pid file, no privileges),
+# which is plain Python and runs here too, on the select reactor
+TWISTW = ("import sys; from twisted.application import app; "
+          "from twisted.scripts._twistw import ServerOptions, WindowsApplicationRunner; "
+          "app.run(lambda config: WindowsApplicationRunner(config).run(), ServerOptions)")
+
+
+def test_twistd_windows_runner_runs_the_plugin(tmp_path, echoes):
+    port = free_port()
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(f"""
+[server]
+master_process = false        # what Windows gets by default (README, Windows)
+access_log = 'access.log'     # relative: beside this file
+[[listen]]
+address = "127.0.0.1"
+port = {port}
+[[vhost]]
+server_name = "w"
+  [[vhost.route]]
+  path = "/"
+  url = "{echoes[0].url}/"
+""")
+    logfile = tmp_path / "twistw.log"
+    proc = subprocess.Popen([sys.executable, "-c", TWISTW, "--reactor=select",
+                             "--logfile", str(logfile), "twistproxy", "--config", str(cfg)],
+                            cwd=tmp_path)
+    try:
+        wait_port("127.0.0.1", port, proc=proc)
+        r = get("127.0.0.1", port, "/via-windows-runner")
+        assert r.status == 200 and r.json()["target"] == "/via-windows-runner"
+    finally:
+        proc.send_signal(signal.SIGINT)        # Ctrl+C, the console's stop
+        assert proc.wait(15) in (0, 1, -signal.SIGINT)
+    assert "/via-windows-runner" in (tmp_path / "access.log").read_text()
+    log = logfile.read_text()
+    assert "on SelectReactor" in log and "listening on 127.0.0.1" in log
+    assert "Traceback" not in log
 
 
 def test_twistd_bad_config_is_one_line_exit_2(tmp_path):

@@ -256,7 +256,7 @@ LISTENERS = ("tls", "redirect", "plain", "tls13", "cipher", "chain", "fullchain"
 
 
 @pytest.fixture(scope="module")
-def env(pki):
+def env(pki, each_reactor):
     with Lab(pki.dir) as lab:
         e = Env()
         e.main = lab.add(TLSBackend(pki, "backend"))   # trusted via ca.pem: 127.0.0.1, localhost

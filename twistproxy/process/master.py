@@ -224,6 +224,7 @@ class MasterService(Service):
         self.admin_bound = admin_bound
         self.reactor = reactor
         self.log_level = log_level
+        self.reactor_name = "auto"      # the workers' reactor: twistproxy run --reactor
         self.started = None
         self.plane = Plane(config, reactor, tls or {})
         self._wire(self.plane)
@@ -325,7 +326,8 @@ class MasterService(Service):
             listen_fds.append(str(n))
             n += 1
         args = [sys.executable, "-m", "twistproxy.process.worker", "--index", str(index),
-                "--fds", ",".join(listen_fds), "--log-level", self.log_level]
+                "--fds", ",".join(listen_fds), "--log-level", self.log_level,
+                "--reactor", self.reactor_name]
         if gen.access_log is not None:
             fds[n] = gen.access_log.fileno()
             args += ["--log-fd", str(n)]

@@ -160,9 +160,10 @@ def main(argv=None) -> int:
     p.add_argument("--fds", default="")
     p.add_argument("--log-fd", type=int, default=None)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--reactor", default="auto")
     args = p.parse_args(argv)
     from ..cli import _install_reactor
-    _install_reactor()
+    _install_reactor(args.reactor)
     from twisted.internet import reactor
     from twisted.logger import Logger
 
