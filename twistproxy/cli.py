@@ -121,6 +121,11 @@ def cmd_reload(args) -> int:
     """Send SIGHUP to the master named by the pid file: it reads its file again."""
     import os
     import signal
+    if not hasattr(signal, "SIGHUP"):        # Windows: one process, no reload signal
+        print("twistproxy reload: there is no reload on Windows (no SIGHUP, one "
+              "process): restart it (`twistproxy service stop` then `service start`, "
+              "or Restart-Service twistproxy)", file=sys.stderr)
+        return 2
     try:
         with open(args.pidfile) as f:
             text = f.read().strip()
