@@ -37,7 +37,9 @@ process): `python tests/e2e/winstandins.py --name N --config FILE --out OUT.json
 (Windows's default), prints each status and event-log line as a JSON line on
 standard output as it happens, takes "stop"/"shutdown"/"interrogate" lines on
 standard input as the service manager's controls, and writes everything recorded to
-OUT.json at the end.
+OUT.json at the end; `ServiceProcess` runs it for a test. `python
+tests/e2e/winstandins.py cli ARGS...` is `twistproxy ARGS...` with the stand-ins
+installed (`service debug`).
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ def make_modules(on_status=None, on_event=None) -> dict[str, types.ModuleType]:
         options: dict = {}          # (name, option) -> value (the Parameters key)
         state: dict = {}            # name -> SERVICE_* state
         calls: list = []            # (function, args) in order
+        start_state = ws.SERVICE_RUNNING    # where StartService leaves a service
 
     def _admin(func):
         if not SCM.elevated:
@@ -262,7 +265,7 @@ def make_modules(on_status=None, on_event=None) -> dict[str, types.ModuleType]:
         if SCM.state[serviceName] != ws.SERVICE_STOPPED:
             raise pywintypes_error(1056, "StartService",
                                    "An instance of the service is already running.")
-        SCM.state[serviceName] = ws.SERVICE_RUNNING
+        SCM.state[serviceName] = SCM.start_state
 
     def StopService(serviceName, machine=None):
         SCM.calls.append(("StopService", serviceName))
@@ -364,7 +367,87 @@ class Host:
 # the subprocess driver
 
 
+class ServiceProcess:
+    """The driver in a subprocess, seen from a test: statuses and event-log lines as
+    they come, controls sent on its standard input, the record at the end."""
+
+    STATES = {1: "STOPPED", 2: "START_PENDING", 3: "STOP_PENDING", 4: "RUNNING"}
+
+    def __init__(self, tmp: Path, config: Path | None, name: str = "twistproxy",
+                 stop_at_start: int = 0):
+        import os
+        import subprocess
+        self.out = tmp / f"{name}-record.json"
+        self.stderr_path = tmp / f"{name}-driver.err"
+        self._err = open(self.stderr_path, "wb")
+        args = [sys.executable, str(Path(__file__)), "--name", name, "--out", str(self.out)]
+        if config is not None:
+            args += ["--config", str(config)]
+        if stop_at_start:
+            args += ["--stop-at-start", str(stop_at_start)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, cwd=ROOT, env=env, text=True)
+        self.lines: list[dict] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(json.loads(line))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append({"eof": True})
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 10.0, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if predicate(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or any("eof" in line for line in self.lines):
+                    raise AssertionError(f"{what or predicate} not seen: {self.lines}\n"
+                                         f"{self.stderr_path.read_text(errors='replace')}")
+                self._cond.wait(left)
+
+    def wait_for_state(self, state: str, timeout: float = 10.0) -> dict:
+        return self.wait_for(lambda line: self.STATES.get(line.get("status", [0, 0])[1])
+                             == state, timeout, state)
+
+    def control(self, what: str) -> None:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 20.0) -> dict:
+        """Wait for the driver's end; its record (statuses, events, error...)."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._err.close()
+        self.elapsed = time.monotonic() - self.started
+        err = self.stderr_path.read_text(errors="replace")
+        assert self.proc.returncode == 0, f"driver exit {self.proc.returncode}: {err}"
+        record = json.loads(self.out.read_text())
+        record["stderr"] = err
+        record["states"] = [self.STATES[s[2][1]] for s in record["statuses"]]
+        return record
+
+
 def _driver(argv: list[str]) -> int:
+    if argv[:1] == ["cli"]:        # `twistproxy ARGS` with the stand-ins (service debug)
+        from twisted.internet import selectreactor
+        selectreactor.install()
+        install()
+        from twistproxy.cli import main
+        return main(argv[1:])
     import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="twistproxy")
