@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))     # the shared harness
-import winstandins  # noqa: E402
+import winstandins
 from harness import ROOT, free_port, one_line_failure, run_cli, wait_port
 from winstandins import ServiceProcess
 
@@ -248,7 +248,7 @@ def test_install_arguments(scm, tmp_path, monkeypatch, capsys, startup, start_ty
     monkeypatch.chdir(tmp_path)                       # a relative --config
     assert service_cli("install", "--config", "edge.toml", "--name", "edge2",
                        "--startup", startup) == 0
-    (call, args), = [c for c in scm.calls if c[0] == "InstallService"]
+    (_, args), = [c for c in scm.calls if c[0] == "InstallService"]
     assert args["pythonClassString"] == "twistproxy.windows.service.TwistproxyService"
     assert args["serviceName"] == "edge2"
     assert args["displayName"] == "twistproxy (edge2)"

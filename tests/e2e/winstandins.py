@@ -326,7 +326,7 @@ class Host:
         self.created = threading.Event()
         self.thread = threading.Thread(target=self._main, name="service-main", daemon=True)
 
-    def start(self) -> "Host":
+    def start(self) -> Host:
         self.thread.start()
         self.created.wait(10)
         return self

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, NoReturn, TextIO, cast
+from collections.abc import Callable
+from typing import Any, NoReturn, TextIO, cast
 
 START_PENDING = "START_PENDING"
 RUNNING = "RUNNING"
@@ -86,6 +87,15 @@ class ServiceRunner:
         event-log line (nothing is left bound or running then)."""
         try:
             self._run()
+        except ServiceStartFailed:
+            raise
+        except Exception as e:      # a bug: one line still, the traceback in the log
+            from twisted.logger import Logger
+            Logger(namespace="twistproxy").failure("the service failed")
+            line = f"twistproxy failed: {type(e).__name__}: {e} (the service log, " \
+                   f"{self.log_path or 'not opened yet'}, has the traceback)"
+            self._event("error", line)
+            raise ServiceStartFailed(line) from e
         finally:
             if self._log_file is not None:
                 try:
@@ -133,6 +143,8 @@ class ServiceRunner:
         try:
             service.startService()
         except Exception as e:
+            from twisted.logger import Logger
+            Logger(namespace="twistproxy").failure("startService failed")
             for p in getattr(service, "ports", []):
                 p.stopListening()
             self._fail(f"{config.path}: twistproxy could not start: "
@@ -216,9 +228,13 @@ class ServiceRunner:
         configuration): Twisted's log, at level info, to that file."""
         import sys
 
-        from twisted.logger import (FilteringLogObserver, LogLevel,
-                                    LogLevelFilterPredicate, globalLogBeginner,
-                                    textFileLogObserver)
+        from twisted.logger import (
+            FilteringLogObserver,
+            LogLevel,
+            LogLevelFilterPredicate,
+            globalLogBeginner,
+            textFileLogObserver,
+        )
         try:
             self._log_file = open(self.log_path, "a", encoding="utf-8")
         except OSError as e:

@@ -22,8 +22,13 @@ import servicemanager
 import win32service
 import win32serviceutil
 
-from .runner import (RUNNING, START_PENDING, STOP_PENDING, ServiceRunner,
-                     ServiceStartFailed)
+from .runner import (
+    RUNNING,
+    START_PENDING,
+    STOP_PENDING,
+    ServiceRunner,
+    ServiceStartFailed,
+)
 
 CLASS_STRING = "twistproxy.windows.service.TwistproxyService"
 CONFIG_OPTION = "config"          # the Parameters value holding the configuration path
