@@ -10,7 +10,6 @@ as a real subprocess without them (what Linux says).
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -385,12 +384,15 @@ def test_service_help_lists_the_commands():
 
 
 def test_types_against_pywin32_stubs():
-    if shutil.which("mypy") is None and subprocess.run(
-            [sys.executable, "-m", "mypy", "--version"], capture_output=True).returncode:
-        pytest.skip("mypy is not installed")
+    """twistproxy/windows/ as mypy sees it on Windows, against types-pywin32 (a
+    missing stub would fail it: the modules import pywin32 at the top)."""
+    import importlib.metadata
     import importlib.util
-    if importlib.util.find_spec("win32serviceutil-stubs") is None and not any(
-            (Path(p) / "win32serviceutil-stubs").is_dir() for p in sys.path):
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed")
+    try:
+        importlib.metadata.version("types-pywin32")
+    except importlib.metadata.PackageNotFoundError:
         pytest.skip("types-pywin32 is not installed")
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--platform", "win32", "--follow-imports=silent",
