@@ -326,6 +326,16 @@ def test_debug_without_any_config(scm, capsys):
     assert "no --config" in err and "'nothing-here'" in err
 
 
+def test_debug_reads_the_installed_config(scm, monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(sys.modules["win32serviceutil"], "DebugService",
+                        lambda cls, argv: ran.append((cls.__name__, argv)))
+    path = write_config(tmp_path, config_text(free_port()))
+    assert service_cli("install", "--config", str(path), "--name", "edge") == 0
+    assert service_cli("debug", "--name", "edge") == 0
+    assert ran == [("TwistproxyService", ["edge", str(path)])]
+
+
 def test_debug_runs_in_the_console_and_ctrl_c_stops_it(tmp_path):
     import signal
     port = free_port()
