@@ -1,9 +1,10 @@
-"""The `twistproxy` command: run, reload, check, demo, dev-certs, --version.
+"""The `twistproxy` command: run, reload, check, demo, dev-certs, service, --version.
 
 `run` builds the same service as the twistd plugin; `reload` signals a running master
 (SIGHUP) to read its file again; `check` validates a file and
 prints a one-line summary; `demo` starts built-in backends and a proxy in front;
-`dev-certs` writes throwaway certificates for trying TLS (twistproxy/devcerts.py).
+`dev-certs` writes throwaway certificates for trying TLS (twistproxy/devcerts.py);
+`service` installs and controls the Windows service (twistproxy/windows/servicecli.py).
 Errors are one line on stderr: exit status 2 for configuration, 1 for start-up.
 """
 
@@ -201,6 +202,8 @@ def main(argv=None) -> int:
                         "default: example.com example.org")
     p.add_argument("--force", action="store_true", help="replace files that exist")
     p.set_defaults(func=cmd_dev_certs, reactor=False)
+    from .windows.servicecli import add_parser as add_service_parser
+    add_service_parser(sub)                # Windows only, documented everywhere
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
