@@ -58,7 +58,7 @@ _POSIX = {
 def bind_reason(err: OSError, port: int, windows: bool) -> str:
     """Why binding `port` failed, as one clause."""
     if not windows:
-        return _POSIX.get(err.errno, err.strerror or str(err))
+        return _POSIX.get(err.errno or 0, err.strerror or str(err))
     code = getattr(err, "winerror", None) or err.errno
     who = f"`netstat -ano -p tcp | findstr \":{port} \"` shows which process (PID 4 is " \
           "the kernel's HTTP listener, http.sys)"
