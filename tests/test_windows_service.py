@@ -151,7 +151,6 @@ def test_a_stop_while_starting(tmp_path, at):
     assert_stopped_once(record, 0)
     assert record["error"] is None
     assert record["events"][-1][1].startswith("twistproxy stopped")
-    assert svc.elapsed < 10
     with pytest.raises(OSError):                  # nothing left listening
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
@@ -172,7 +171,6 @@ def assert_failed_start(svc: ServiceProcess, *expected: str) -> str:
     states = [s[1] for s in statuses(record)]
     assert RUNNING not in states, states
     assert_stopped_once(record, winstandins.ERROR_SERVICE_SPECIFIC_ERROR)
-    assert svc.elapsed < 10
     assert "Traceback" not in record["stderr"]
     return line
 

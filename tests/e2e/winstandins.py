@@ -386,7 +386,6 @@ class ServiceProcess:
         if stop_at_start:
             args += ["--stop-at-start", str(stop_at_start)]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.started = time.monotonic()
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err, cwd=ROOT, env=env, text=True)
         self.lines: list[dict] = []
@@ -424,7 +423,8 @@ class ServiceProcess:
         self.proc.stdin.flush()
 
     def finish(self, timeout: float = 20.0) -> dict:
-        """Wait for the driver's end; its record (statuses, events, error...)."""
+        """Wait for the driver's end; its record (statuses, events, error...). A
+        driver still running after `timeout` (a hang) fails the test."""
         try:
             self.proc.wait(timeout)
         finally:
@@ -432,7 +432,6 @@ class ServiceProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._err.close()
-        self.elapsed = time.monotonic() - self.started
         err = self.stderr_path.read_text(errors="replace")
         assert self.proc.returncode == 0, f"driver exit {self.proc.returncode}: {err}"
         record = json.loads(self.out.read_text())
