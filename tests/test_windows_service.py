@@ -21,31 +21,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))     # the shared harness
 import winstandins
 from harness import ROOT, free_port, one_line_failure, run_cli, wait_port
-from winstandins import ServiceProcess
+from winstandins import ServiceProcess, service_config
 
 STOPPED, START_PENDING, STOP_PENDING, RUNNING = 1, 2, 3, 4
 ACCEPT_STOP, ACCEPT_SHUTDOWN = 1, 4
-
-
-def config_text(port: int, extra: str = "", server: str = "") -> str:
-    return f"""
-[server]
-master_process = false      # what Windows forces; this test runs on Linux
-access_log = "access.log"
-graceful_timeout = 4
-{server}
-
-[[listen]]
-address = "127.0.0.1"
-port = {port}
-
-[[vhost]]
-server_name = "proxy.test"
-[[vhost.route]]
-path = "/"
-url = "http://127.0.0.1:9"
-{extra}
-"""
 
 
 def write_config(tmp: Path, text: str, name: str = "svc.toml") -> Path:
@@ -78,7 +57,7 @@ def service_errors(record) -> list[str]:
 
 def test_start_run_stop_status_sequence(tmp_path):
     port = free_port()
-    path = write_config(tmp_path, config_text(port))
+    path = write_config(tmp_path, service_config(port))
     svc = ServiceProcess(tmp_path, path)
     svc.wait_for_state("RUNNING")
     wait_port("127.0.0.1", port)
@@ -126,7 +105,7 @@ def test_start_run_stop_status_sequence(tmp_path):
 
 def test_another_name_is_its_own_event_source_and_handler(tmp_path):
     port = free_port()
-    path = write_config(tmp_path, config_text(port, server='error_log = "edge.log"'))
+    path = write_config(tmp_path, service_config(port, server='error_log = "edge.log"'))
     svc = ServiceProcess(tmp_path, path, name="edge-b")
     svc.wait_for_state("RUNNING")
     svc.control("shutdown")                 # the system shuts down: stops as a stop
@@ -142,7 +121,7 @@ def test_another_name_is_its_own_event_source_and_handler(tmp_path):
                                             "after-the-config-is-read"])
 def test_a_stop_while_starting(tmp_path, at):
     port = free_port()
-    path = write_config(tmp_path, config_text(port))
+    path = write_config(tmp_path, service_config(port))
     svc = ServiceProcess(tmp_path, path, stop_at_start=at)
     record = svc.finish()
     states = [s[1] for s in statuses(record)]
@@ -177,7 +156,7 @@ def assert_failed_start(svc: ServiceProcess, *expected: str) -> str:
 
 def test_failed_start_bad_config(tmp_path):
     port = free_port()
-    path = write_config(tmp_path, config_text(port, server="graceful_timeout_s = 3"))
+    path = write_config(tmp_path, service_config(port, server="graceful_timeout_s = 3"))
     assert_failed_start(ServiceProcess(tmp_path, path), str(path),
                         "server.graceful_timeout_s", "unknown key")
 
@@ -189,7 +168,7 @@ def test_failed_start_missing_config_file(tmp_path):
 
 def test_failed_start_port_taken(tmp_path):
     port = free_port()
-    path = write_config(tmp_path, config_text(port))
+    path = write_config(tmp_path, service_config(port))
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen()
@@ -200,7 +179,7 @@ def test_failed_start_port_taken(tmp_path):
 
 def test_failed_start_access_log_on_stdout(tmp_path):
     port = free_port()
-    text = config_text(port).replace('access_log = "access.log"', 'access_log = "-"')
+    text = service_config(port).replace('access_log = "access.log"', 'access_log = "-"')
     path = write_config(tmp_path, text)
     assert_failed_start(ServiceProcess(tmp_path, path), str(path), "server.access_log",
                         "'-'", "no console")
@@ -209,7 +188,7 @@ def test_failed_start_access_log_on_stdout(tmp_path):
 def test_failed_start_service_log_cannot_be_opened(tmp_path):
     port = free_port()
     (tmp_path / "log-dir").mkdir()
-    path = write_config(tmp_path, config_text(port, server='error_log = "log-dir"'))
+    path = write_config(tmp_path, service_config(port, server='error_log = "log-dir"'))
     assert_failed_start(ServiceProcess(tmp_path, path), "server.error_log",
                         str(tmp_path / "log-dir"))
 
@@ -241,7 +220,7 @@ def service_cli(*args: str) -> int:
 
 @pytest.mark.parametrize("startup,start_type", [("auto", 2), ("manual", 3)])
 def test_install_arguments(scm, tmp_path, monkeypatch, capsys, startup, start_type):
-    write_config(tmp_path, config_text(free_port()), "edge.toml")
+    write_config(tmp_path, service_config(free_port()), "edge.toml")
     monkeypatch.chdir(tmp_path)                       # a relative --config
     assert service_cli("install", "--config", "edge.toml", "--name", "edge2",
                        "--startup", startup) == 0
@@ -258,14 +237,14 @@ def test_install_arguments(scm, tmp_path, monkeypatch, capsys, startup, start_ty
 
 
 def test_install_default_name(scm, tmp_path, capsys):
-    path = write_config(tmp_path, config_text(free_port()))
+    path = write_config(tmp_path, service_config(free_port()))
     assert service_cli("install", "--config", str(path)) == 0
     assert scm.services["twistproxy"]["displayName"] == "twistproxy"
     assert scm.options[("twistproxy", "config")] == str(path)
 
 
 @pytest.mark.parametrize("text,expected", [
-    (config_text(8080, server="bogus = 1"), "server.bogus: unknown key"),
+    (service_config(8080, server="bogus = 1"), "server.bogus: unknown key"),
     ("[server]\nmaster_process = false\naccess_log = 'a.log'\n", "listen: missing"),
     ("[server]\nmaster_process = false\n[[listen]]\naddress = '127.0.0.1'\nport = 8080\n"
      "[[vhost]]\nserver_name = 'x.test'\n[[vhost.route]]\npath = '/'\nurl = 'http://b'\n",
@@ -282,7 +261,7 @@ def test_install_refuses_a_bad_config_and_stores_nothing(scm, tmp_path, capsys, 
 
 
 def test_pywin32_errors_are_one_line(scm, tmp_path, capsys):
-    path = write_config(tmp_path, config_text(free_port()))
+    path = write_config(tmp_path, service_config(free_port()))
 
     def one_line(rc: int, *expected: str) -> None:
         captured = capsys.readouterr()
@@ -328,7 +307,7 @@ def test_debug_reads_the_installed_config(scm, monkeypatch, tmp_path):
     ran = []
     monkeypatch.setattr(sys.modules["win32serviceutil"], "DebugService",
                         lambda cls, argv: ran.append((cls.__name__, argv)))
-    path = write_config(tmp_path, config_text(free_port()))
+    path = write_config(tmp_path, service_config(free_port()))
     assert service_cli("install", "--config", str(path), "--name", "edge") == 0
     assert service_cli("debug", "--name", "edge") == 0
     assert ran == [("TwistproxyService", ["edge", str(path)])]
@@ -337,7 +316,7 @@ def test_debug_reads_the_installed_config(scm, monkeypatch, tmp_path):
 def test_debug_runs_in_the_console_and_ctrl_c_stops_it(tmp_path):
     import signal
     port = free_port()
-    path = write_config(tmp_path, config_text(port))
+    path = write_config(tmp_path, service_config(port))
     proc = subprocess.Popen(
         [sys.executable, str(Path(winstandins.__file__)), "cli", "service", "debug",
          "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -16,29 +16,9 @@ import time
 
 from clients import fetch
 from harness import Lab, free_port, wait_until
-from winstandins import ServiceProcess
+from winstandins import ServiceProcess, service_config
 
 STOPPED, START_PENDING, STOP_PENDING, RUNNING = 1, 2, 3, 4
-
-
-def service_config(port: int, backend: str) -> str:
-    return f"""
-[server]
-master_process = false        # Windows forces one process; this runs on Linux
-access_log = "logs/access.log"
-error_log = "logs/service.log"
-graceful_timeout = 6
-
-[[listen]]
-address = "127.0.0.1"
-port = {port}
-
-[[vhost]]
-server_name = "proxy.test"
-[[vhost.route]]
-path = "/"
-url = "{backend}"
-"""
 
 
 def refused(port: int) -> bool:
@@ -55,7 +35,9 @@ def test_service_serves_and_a_stop_lets_the_slow_request_finish(tmp_path):
         port = free_port()
         (tmp_path / "logs").mkdir()
         config = tmp_path / "edge.toml"
-        config.write_text(service_config(port, echo.url))
+        config.write_text(service_config(port, echo.url, access_log="logs/access.log",
+                                         server='error_log = "logs/service.log"',
+                                         graceful_timeout=6))
 
         # the service manager starts the service: START_PENDING ... RUNNING
         svc = ServiceProcess(tmp_path, config, name="twistproxy-edge")
@@ -121,7 +103,8 @@ def test_service_start_with_the_port_taken_fails_at_once(tmp_path):
     port = free_port()
     (tmp_path / "logs").mkdir()
     config = tmp_path / "edge.toml"
-    config.write_text(service_config(port, "http://127.0.0.1:9"))
+    config.write_text(service_config(port, access_log="logs/access.log",
+                                     server='error_log = "logs/service.log"'))
     with socket.socket() as holder:           # another program has the port
         holder.bind(("127.0.0.1", port))
         holder.listen()

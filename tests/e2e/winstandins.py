@@ -516,3 +516,29 @@ def _driver(argv: list[str]) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     sys.exit(_driver(sys.argv[1:]))
+
+
+def service_config(port: int, url: str = "http://127.0.0.1:9", server: str = "",
+                   extra: str = "", access_log: str = "access.log",
+                   graceful_timeout: float = 4) -> str:
+    """A configuration as a Windows service would run it: one process (what Windows
+    forces; these tests run on Linux) and an access log file (a service has no
+    console); `server` adds [server] lines, `extra` goes after the route."""
+    return f"""
+[server]
+master_process = false
+access_log = "{access_log}"
+graceful_timeout = {graceful_timeout}
+{server}
+
+[[listen]]
+address = "127.0.0.1"
+port = {port}
+
+[[vhost]]
+server_name = "proxy.test"
+[[vhost.route]]
+path = "/"
+url = "{url}"
+{extra}
+"""
