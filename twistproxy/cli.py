@@ -1,4 +1,5 @@
-"""The `twistproxy` command: run, reload, check, demo, dev-certs, service, --version.
+"""The `twistproxy` command: run, reload, check, demo, dev-certs, service,
+import-apache, --version.
 
 `run` builds the same service as the twistd plugin; `reload` signals a running master
 (SIGHUP) to read its file again; `check` validates a file and
@@ -65,11 +66,9 @@ def cmd_check(args) -> int:
 def cmd_run(args) -> int:
     from .listeners import BindError
     from .service import StartupError, build_service
-    try:
-        config = load(args.file)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+    config = _run_config(args)
+    if isinstance(config, int):
+        return config
     try:
         error_log = open_error_log(config)
         service = build_service(config, takeover=args.takeover)
@@ -99,6 +98,31 @@ def cmd_run(args) -> int:
         if args.pidfile:
             _remove_pidfile(args.pidfile)
     return 0
+
+
+def _run_config(args):
+    """The Config `run` serves: the file's, or one imported from Apache's (--apache,
+    its report on stderr first); an exit status when there is none."""
+    if bool(args.file) == bool(args.apache):
+        print("twistproxy run: give a TOML file or --apache FILE (one of them)",
+              file=sys.stderr)
+        return 2
+    if args.apache:
+        from .apache.command import Failed, convert
+        try:
+            _, imported, config = convert(args.apache, args.server_root, args.define or (),
+                                          f"{args.apache} (imported)")
+        except Failed as e:
+            print(e, file=sys.stderr)
+            return 2
+        for report in imported.reports:
+            print(report.line(), file=sys.stderr)
+        return config
+    try:
+        return load(args.file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
 
 
 def _write_pidfile(path: str) -> None:
@@ -169,7 +193,14 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"twistproxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("run", help="run the proxy in the foreground")
-    p.add_argument("file", help="the TOML configuration file")
+    p.add_argument("file", nargs="?", help="the TOML configuration file")
+    p.add_argument("--apache", metavar="HTTPD_CONF",
+                   help="instead of a TOML file: import this Apache configuration in "
+                        "memory and run it (twistproxy import-apache writes it out)")
+    p.add_argument("-d", dest="server_root", metavar="SERVERROOT",
+                   help="with --apache: Apache's ServerRoot (as apache2 -d)")
+    p.add_argument("-D", dest="define", action="append", metavar="NAME",
+                   help="with --apache: define NAME for <IfDefine> (as apache2 -D)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
     p.add_argument("--pidfile", help="write the master's process id here (for reload)")
     p.add_argument("--takeover", action="store_true",
@@ -202,6 +233,8 @@ def main(argv=None) -> int:
                         "default: example.com example.org")
     p.add_argument("--force", action="store_true", help="replace files that exist")
     p.set_defaults(func=cmd_dev_certs, reactor=False)
+    from .apache.command import add_parser as add_import_parser
+    add_import_parser(sub)
     from .windows.servicecli import add_parser as add_service_parser
     add_service_parser(sub)                # Windows only, documented everywhere
     args = parser.parse_args(argv)
