@@ -202,6 +202,15 @@ def _parse_version(text: str) -> tuple[int, int, int] | None:
 # -- the tree ----------------------------------------------------------------
 
 
+def _unclosed(file: str, opener: tuple[str, int]) -> ApacheConfigError:
+    """A section open at end of file, pointed at its opening line, in Apache's words."""
+    if opener[0].lower() in _CONDITIONALS:
+        return ApacheConfigError(
+            file, opener[1], f"Expected </{opener[0]}> before end of configuration"
+        )
+    return ApacheConfigError(file, opener[1], f"<{opener[0]}> was not closed.")
+
+
 class _Parser:
     def __init__(self, server_root: str, defines: Iterable[str], version: tuple[int, int, int]):
         self.server_root = os.path.abspath(server_root)
@@ -294,7 +303,7 @@ class _Parser:
                 self.server_root = root
             out.append(Node(name, args, file, number, None, raw_rest))
         if opener is not None:
-            raise ApacheConfigError(file, opener[1], f"<{opener[0]}> was not closed.")
+            raise _unclosed(file, opener)
         return out
 
     def section(self, lines, file, number, name, rest, raw_rest) -> list[Node]:
@@ -332,7 +341,9 @@ class _Parser:
                 if name.endswith(">"):
                     name = name[:-1]
                 self.soak(lines, file, (name[1:], number))
-        raise ApacheConfigError(file, opener[1], f"<{opener[0]}> was not closed.")
+        raise ApacheConfigError(
+            file, opener[1], f"Expected </{opener[0]}> before end of configuration"
+        )
 
     def condition(self, key, name, args, file, number) -> bool:
         if key == "ifversion":
@@ -397,7 +408,7 @@ class _Parser:
             return self.include(args[0], key == "includeoptional", file, number)
         if key == "define":
             if len(args) not in (1, 2):
-                raise ApacheConfigError(file, number, f"{name} takes one or two arguments")
+                raise ApacheConfigError(file, number, f"{name} takes 1-2 arguments")
         elif len(args) != 1:
             raise ApacheConfigError(file, number, f"{name} takes one argument")
         var = args[0]
