@@ -29,8 +29,31 @@ The rules follow Apache's own code (server/util.c ``ap_cfg_getline_core``,
   quotes ``\\\\`` is still one backslash; every other backslash stays.
 - ``ServerRoot`` takes effect for the Includes after it, whether or not a
   server root was passed in (Apache: the directive wins over ``-d`` once read).
+- ``Include`` takes a glob relative to the ServerRoot; wildcards may be in any
+  component (a component in the middle matches directories only), names
+  starting with ``.`` need an explicit ``.``, matches are sorted bytewise
+  (``strcmp``), a directory means every file under it, recursively and sorted.
+  A missing plain Include or an unmatched wildcard is an error (Apache's
+  wording); ``IncludeOptional`` skips them.  A file including itself, directly
+  or not, is an "Include loop" at the Include line (Apache only notices at its
+  include depth of 128, which is also kept).
+- ``<IfModule>`` is true for ``BUILTIN_MODULES`` and for what an earlier
+  ``LoadModule name .../mod_X.so`` loaded (``name`` and ``mod_X.c``).  A false
+  conditional's body is skipped unread (no Include, Define or LoadModule in it
+  happens), only its nesting is checked, as ``ap_soak_end_container`` does.
+
+Where this differs from Apache, on purpose:
+
 - ``Node.line`` is the first line of a continued directive (Apache reports the
-  last one).
+  last one), and an unclosed section is reported at its opening line (Apache:
+  ``<X> was not closed.`` there too, but "Expected </IfX> before end of
+  configuration" at the end of the file for conditionals).
+- A stray closer inside a true conditional, ``<IfModule m>`` ... ``</Location>``,
+  is "Expected </IfModule> but saw </Location>" (Apache: "</Location> without
+  matching <Location> section").
+- Directive arguments are not checked (``ServerName a b`` passes here); only
+  what this module resolves (Include, Define, UnDefine, ServerRoot, the
+  conditionals) is.
 
 Errors are ``ApacheConfigError(file, line, message)``; ``str()`` is
 ``file:line: message``.
