@@ -48,6 +48,9 @@ class Fixture:
                 text = src.read_text()
                 text = re.sub(r":(\d{2,5})\b", lambda m: ":" + str(ports.get(int(m.group(1)),
                                                                          m.group(1))), text)
+                text = re.sub(r"(?m)^(\s*Define\s+\w+\s+)(\d{2,5})\s*$",
+                              lambda m: m.group(1) + str(ports.get(int(m.group(2)),
+                                                                   m.group(2))), text)
                 text = re.sub(r"/tmp/(apache-fixture-[\w.-]+)", lambda m: str(out / m.group(1)),
                               text)
                 dst.write_text(text)

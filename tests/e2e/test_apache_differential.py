@@ -82,13 +82,21 @@ class SideBySide:
         return a, t
 
     def same(self, front: int, path: str, headers=None, address: str = "127.0.0.1",
-             host: str = "example.com"):
-        """Send the request to both; assert the same answer; return twistproxy's."""
+             host: str = "example.com", member_slash: bool = False):
+        """Send the request to both; assert the same answer; return twistproxy's.
+        `member_slash`: the balancer's members end in "/", to which Apache adds the
+        request's path whole ("//page"); twistproxy does not double the slash (README,
+        Deliberate differences)."""
         a, t = self.both(front, path, headers, address, host)
         assert a.status == t.status, (path, host, a.status, t.status, a.body[:200],
                                       t.body[:200])
         if a.status == 200 and a.body.startswith(b"{"):
-            assert seen(a) == seen(t), (path, host)
+            apache_saw = seen(a)
+            if member_slash:
+                method, target = apache_saw["line"]
+                assert target.startswith("//"), target
+                apache_saw["line"] = (method, target[1:])
+            assert apache_saw == seen(t), (path, host)
         assert comparable_response_headers(a, self.apache_ports[front]) == \
             comparable_response_headers(t, self.tp_ports[front]), (path, host)
         return t
@@ -143,15 +151,16 @@ def test_sticky_iis_farm_behind_both(lab, tmp_path):
     try:
         assert s.import_result.returncode == 0, s.import_result.stderr
         # load is shared the same way, the standby never chosen
-        order = [s.same(18081, f"/page{i}", host="lb.example.com").echo["server"]
-                 for i in range(4)]
+        order = [s.same(18081, f"/page{i}", host="lb.example.com",
+                        member_slash=True).echo["server"] for i in range(4)]
         assert set(order) == {"node1", "node2"}
         # a sticky client stays on its node with either proxy
         for route in ("node1", "node2", "node3"):
             t = s.same(18081, "/cart", {"Cookie": f"BALANCEID=mycluster.{route}"},
-                       host="lb.example.com")
+                       host="lb.example.com", member_slash=True)
             assert t.echo["server"] == route
-        t = s.same(18081, "/cart?BALANCEID=mycluster.node2", host="lb.example.com")
+        t = s.same(18081, "/cart?BALANCEID=mycluster.node2", host="lb.example.com",
+                   member_slash=True)
         assert t.echo["server"] == "node2"
     finally:
         s.close()

@@ -330,6 +330,7 @@ class Importer:
         name = re.sub(r"^[a-z]+://", "", name)
         name = re.sub(r":\d+$", "", name)
         srv.names = [name]
+        srv.notes["__servername"] = node
 
     def d_serveralias(self, node: Node, srv: _Server) -> None:
         for name in node.args:
@@ -539,7 +540,7 @@ class Importer:
     def member(self, node: Node, srv: _Server, bal: _Balancer, args: list[str]) -> None:
         if not args:
             return self.report(node, DIFFERS, "needs a URL", proxied=True)
-        member = Table(f"{shown(node)}  ({node.where})", url=args[0].rstrip("/") or args[0])
+        member = Table(f"{shown(node)}  ({node.where})", url=args[0])
         hc: dict = {}
         for param in args[1:]:
             k, _, v = param.partition("=")
@@ -1001,6 +1002,9 @@ class Importer:
         rest = [k for k in keys if k not in claimed]
         if rest or not servers:
             servers.append((self.main, rest if servers else []))
+        elif "__servername" in self.main.notes:
+            self.report(self.main.notes["__servername"], NOT_NEEDED, "every address has "
+                        "its <VirtualHost>s, so the main server answers none")
         for vh, served in servers:
             table, allow = self._vhost(vh, served)
             out.append(table)
@@ -1020,7 +1024,8 @@ class Importer:
         keys = {**main.keys, **vh.keys} if not is_main else dict(main.keys)
         notes = {**main.notes, **vh.notes} if not is_main else dict(main.notes)
         timeout = keys.pop("__timeout", None)
-        notes.pop("__timeout", None)
+        for k in ("__timeout", "__servername"):
+            notes.pop(k, None)
         for k, v in keys.items():
             table[k] = v
             table.note(k, f"{shown(notes[k])}  ({notes[k].where})")
