@@ -15,7 +15,12 @@ import pytest
 
 from apache import Apache, Fixture, have_apache, reserve
 from clients import PKI, fetch
-from harness import Lab, Proxy, run_cli
+import http.client
+import re
+import shutil
+import socket
+
+from harness import Lab, run_cli
 
 pytestmark = pytest.mark.skipif(not have_apache(), reason="apache2 is not installed "
                                 "(apt-get install apache2)")
@@ -43,7 +48,10 @@ def comparable_response_headers(response, front_port: int) -> list:
         if low in ("date", "server", "content-length", "connection", "keep-alive",
                    "content-type", "transfer-encoding"):
             continue
-        out.append((low, value.replace(str(front_port), "FRONT")))
+        value = value.replace(str(front_port), "FRONT")
+        if low == "set-cookie":     # attribute names are case-insensitive (RFC 6265)
+            value = re.sub(r";\s*([A-Za-z-]+)", lambda m: "; " + m.group(1).lower(), value)
+        out.append((low, value))
     return sorted(out)
 
 
@@ -52,8 +60,9 @@ class SideBySide:
 
     def __init__(self, lab: Lab, tmp, name: str, backends: dict[int, str],
                  fronts: list[int], addresses=("127.0.0.1",), root: str | None = None,
-                 tls: bool = False):
+                 https: tuple = ()):
         self.lab = lab
+        self.https = https          # fronts that are TLS (the fixture's certificate)
         fixture = Fixture(name, tmp / "src")
         self.echoes = {port: lab.echo(server) for port, server in backends.items()}
         back = {port: echo.port for port, echo in self.echoes.items()}
@@ -61,10 +70,16 @@ class SideBySide:
         self.tp_ports = reserve(fronts)
         a_conf = fixture.rewrite({**self.apache_ports, **back}, tmp / "apache")
         t_conf = fixture.rewrite({**self.tp_ports, **back}, tmp / "tp")
-        if tls:
+        self.pki = None
+        if https:     # one CA; the certificate the fixture names, in both copies
+            (tmp / "pki").mkdir()
+            self.pki = PKI(tmp / "pki")
+            self.pki.leaf("secure.example.com", "secure.example.com")
             for side in ("apache", "tp"):
-                pki = PKI(tmp / side / "tls")
-                pki.leaf("secure.example.com")
+                (tmp / side / "tls").mkdir(exist_ok=True)
+                for ext in ("pem", "key"):
+                    shutil.copy(tmp / "pki" / f"secure.example.com.{ext}",
+                                tmp / side / "tls" / f"secure.example.com.{ext}")
         a_root = (tmp / "apache" / root) if root else a_conf.parent
         t_root = (tmp / "tp" / root) if root else t_conf.parent
         self.apache = Apache(a_conf, a_root, [(addr, p) for addr in addresses
@@ -77,9 +92,28 @@ class SideBySide:
 
     def both(self, front: int, path: str, headers=None, address: str = "127.0.0.1",
              host: str = "example.com"):
-        a = fetch(self.apache_ports[front], path, headers, host=host, address=address)
-        t = fetch(self.tp_ports[front], path, headers, host=host, address=address)
+        get = self._https if front in self.https else fetch
+        a = get(self.apache_ports[front], path, headers, host=host, address=address)
+        t = get(self.tp_ports[front], path, headers, host=host, address=address)
         return a, t
+
+    def _https(self, port, path, headers, host, address):
+        from clients import Response
+        ctx = self.pki.client_context()
+        c = http.client.HTTPSConnection(host, port, timeout=10, context=ctx)
+        # to `address`, with `host` as the SNI name and the name checked
+        c.sock = ctx.wrap_socket(socket.create_connection((address, port), timeout=10),
+                                 server_hostname=host)
+        try:
+            c.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+            c.putheader("Host", host)
+            for name, value in (headers or {}).items():
+                c.putheader(name, value)
+            c.endheaders()
+            r = c.getresponse()
+            return Response(r.status, r.getheaders(), r.read(), r.reason)
+        finally:
+            c.close()
 
     def same(self, front: int, path: str, headers=None, address: str = "127.0.0.1",
              host: str = "example.com", member_slash: bool = False):
@@ -183,5 +217,58 @@ def test_debian_layout_behind_both(lab, tmp_path):
         assert t.echo["server"] == "farm-b" and t.echo["target"] == "/app/list"
         t = s.same(18083, "/app/x;jsessionid=abc.a", host="x.intranet.example.com")
         assert t.echo["server"] == "farm-a"
+    finally:
+        s.close()
+
+
+def test_the_usual_howto_behind_both(lab, tmp_path):
+    """A balancer with a hot standby and its manager, microservices by path with
+    ProxyPassReverseCookiePath, a ProxyPassMatch, health-checked members with Apache's
+    ROUTEID recipe (Header add Set-Cookie ... env=BALANCER_ROUTE_CHANGED), and TLS
+    termination with RequestHeader set."""
+    backends = {3000: "users", 4000: "payments", 8080: "legacy", 8090: "ws-site",
+                8100: "m0", 8101: "m1", 8102: "m2-standby", 8200: "c1", 8201: "c2",
+                8202: "c3-standby", 8300: "secure-app"}
+    s = SideBySide(lab, tmp_path, "howto.conf", backends, [18082, 18443], https=(18443,))
+    try:
+        # <Proxy *> Require ip ... has no twistproxy equivalent for reverse proxying:
+        # reported, exit 1 (these clients are on loopback, which both let through)
+        assert s.import_result.returncode == 1
+        assert "howto.conf:34: Require ip 127.0.0.0/8 192.168.1.0/24: differs" in \
+            s.import_result.stderr
+        # the balancer and its hot standby; the security headers on every answer
+        served = {s.same(18082, f"/p{i}", host="myapp.com").echo["server"]
+                  for i in range(4)}
+        assert served == {"m0", "m1"}
+        t = s.same(18082, "/p", host="myapp.com")
+        assert t.header("X-Frame-Options") == "DENY"
+        # the manager and server-status, for loopback clients (Require local)
+        a, t = s.both(18082, "/balancer-manager", host="myapp.com")
+        assert a.status == t.status == 200
+        a, t = s.both(18082, "/server-status", host="myapp.com")
+        assert a.status == t.status == 200
+        # microservices: prefixes, the cookie path rewritten, the regex route
+        t = s.same(18082, "/api/users/42", {"X-Echo-Header": "Set-Cookie: sid=1; path=/"},
+                   host="api.company.com")
+        assert t.echo["server"] == "users" and t.echo["target"] == "/42"
+        assert t.header("Set-Cookie") == "sid=1; path=/api/users/"
+        t = s.same(18082, "/api/payments/pay?x=1", host="api.company.com")
+        assert t.echo["target"] == "/pay?x=1"
+        t = s.same(18082, "/legacy/orders.aspx", host="api.company.com")
+        assert (t.echo["server"], t.echo["target"]) == ("legacy", "/app/orders.aspx")
+        t = s.same(18082, "/elsewhere", host="api.company.com")
+        assert t.echo["server"] == "legacy"
+        # ROUTEID: both set the cookie when they chose by load, and follow it after
+        t = s.same(18082, "/", host="checked.example.com")
+        cookie = t.header("Set-Cookie")
+        assert cookie and cookie.startswith("ROUTEID=.") and cookie.lower().endswith("; path=/")
+        route = cookie.split(";")[0].split(".", 1)[1]
+        t = s.same(18082, "/again", {"Cookie": f"ROUTEID=.{route}"},
+                   host="checked.example.com")
+        assert t.echo["server"] == f"c{route}" and t.header("Set-Cookie") is None
+        # TLS termination, the certificate by SNI, RequestHeader set
+        t = s.same(18443, "/account", host="secure.example.com")
+        assert t.echo["server"] == "secure-app"
+        assert ("X-Forwarded-Proto", "https") in [tuple(h) for h in t.echo["headers"]]
     finally:
         s.close()
