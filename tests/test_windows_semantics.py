@@ -122,7 +122,12 @@ def _listen(address: str, port: int = 0) -> BoundSocket:
     return bind_one(ListenConfig(address, port), windows=False)
 
 
-def test_without_adoption_the_reactor_binds_the_same_address_again():
+def test_without_adoption_the_reactor_binds_the_same_address_again(monkeypatch):
+    # a sentinel option stands for the platform's (SO_EXCLUSIVEADDRUSE on Windows,
+    # which Linux lacks): the reactor's port must set what listen_options says
+    import twistproxy.listeners as listeners
+    sentinel = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    monkeypatch.setattr(listeners, "listen_options", lambda windows, dual_stack: sentinel)
     reactor = SelectReactor()
     bound = _listen("127.0.0.1")
     address = bound.sock.getsockname()
@@ -130,26 +135,92 @@ def test_without_adoption_the_reactor_binds_the_same_address_again():
     try:
         assert bound.sock.fileno() == -1                   # ours is closed
         assert port.getHost().port == address[1]
-        assert port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        assert port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         socket.create_connection(address, timeout=2).close()   # it listens
     finally:
         port.stopListening()
 
 
-def test_without_adoption_star_stays_dual_stack():
+class _V6OnlyByDefault(socket.socket):
+    """An IPv6 socket as Windows makes it: IPv6 only until told otherwise."""
+
+    def __init__(self, family=-1, *args, **kw):
+        super().__init__(family, *args, **kw)
+        if self.family == socket.AF_INET6:
+            self.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+def _ipv6_or_skip():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
     try:
-        bound = _listen("*")
-    except BindError:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
         pytest.skip("no IPv6 here")
-    if bound.family != socket.AF_INET6:
-        pytest.skip("no IPv6 here")
-    reactor = SelectReactor()
-    port = listen_on(reactor, bound, Factory.forProtocol(_Quiet), adopt=False)
+
+
+def test_star_is_made_dual_stack_where_ipv6_sockets_default_to_v6_only(monkeypatch):
+    _ipv6_or_skip()
+    monkeypatch.setattr(socket, "socket", _V6OnlyByDefault)
+    bound = _listen("*")
+    try:
+        assert bound.family == socket.AF_INET6
+        assert bound.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    finally:
+        bound.sock.close()
+
+
+def test_without_adoption_star_stays_dual_stack(monkeypatch):
+    _ipv6_or_skip()
+    from twisted.internet import tcp
+    bound = _listen("*")
+    create = tcp.Port.createInternetSocket
+
+    def v6_only_by_default(self):
+        sock = create(self)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+    monkeypatch.setattr(tcp.Port, "createInternetSocket", v6_only_by_default)
+    port = listen_on(SelectReactor(), bound, Factory.forProtocol(_Quiet), adopt=False)
     try:
         assert port.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
         socket.create_connection(("127.0.0.1", port.getHost().port), timeout=2).close()
     finally:
         port.stopListening()
+
+
+# -- no POSIX-only name where Windows runs ------------------------------------
+
+# names Windows's Python lacks, and where the code may use them: each such use is
+# guarded (hasattr/getattr, or try/except AttributeError), or in code Windows never
+# runs (the master and workers, the epoll reactor); a new use fails here until it is
+POSIX_ONLY = {"MSG_DONTWAIT", "getloadavg", "sched_getaffinity", "sched_yield", "SIGHUP",
+              "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGCHLD", "AF_UNIX", "fork", "getuid",
+              "setsid", "getpgid", "SCM_RIGHTS", "sendmsg", "recvmsg"}
+POSIX_MODULES = {"fcntl", "pwd", "grp", "resource", "termios", "posix"}
+GUARDED = {("cli.py", "SIGHUP"), ("admin/status.py", "getloadavg"),
+           ("config.py", "sched_getaffinity")}
+NOT_ON_WINDOWS = ("process/", "reactor.py")
+
+
+def test_no_unguarded_posix_only_name_where_windows_runs():
+    import ast
+    from pathlib import Path
+    root = Path(__file__).parents[1] / "twistproxy"
+    found = set()
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(NOT_ON_WINDOWS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in POSIX_ONLY:
+                found.add((rel, node.attr))
+            elif isinstance(node, ast.Import):
+                found.update((rel, a.name) for a in node.names if a.name in POSIX_MODULES)
+            elif isinstance(node, ast.ImportFrom) and node.module in POSIX_MODULES:
+                found.add((rel, node.module))
+    assert found == GUARDED
 
 
 def test_a_port_taken_between_the_check_and_the_listen_is_the_same_one_line():

@@ -298,9 +298,9 @@ def test_pywin32_errors_are_one_line(scm, tmp_path, capsys):
 
 
 def test_debug_without_any_config(scm, capsys):
-    assert service_cli("debug", "--name", "nothing-here") == 2
+    assert service_cli("debug", "--name", "nothing-here") == 1
     err = capsys.readouterr().err
-    assert "no --config" in err and "'nothing-here'" in err
+    assert "no service named 'nothing-here' is installed" in err
 
 
 def test_debug_reads_the_installed_config(scm, monkeypatch, tmp_path):

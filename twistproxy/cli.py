@@ -69,15 +69,15 @@ def cmd_run(args) -> int:
     config = _run_config(args)
     if isinstance(config, int):
         return config
+    error_log = None
     try:
         error_log = open_error_log(config)
         service = build_service(config, takeover=args.takeover)
-    except ConfigError as e:            # a certificate, key or CA file
+    except (ConfigError, StartupError) as e:   # a certificate, key or CA file; a bind
         print(e, file=sys.stderr)
-        return 2
-    except StartupError as e:
-        print(e, file=sys.stderr)
-        return 1
+        if error_log is not None:
+            error_log.close()
+        return 2 if isinstance(e, ConfigError) else 1
     if hasattr(service, "log_level"):      # a master: its workers log at this level
         service.log_level = args.log_level
         service.reactor_name = args.reactor   # ... and run this reactor

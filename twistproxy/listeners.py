@@ -117,7 +117,10 @@ def listen_on(reactor, bound: BoundSocket, factory, adopt: bool | None = None,
         port = reactor.adoptStreamPort(bound.sock.fileno(), bound.family, factory)
         bound.sock.close()
         return port
-    address, number = bound.sock.getsockname()[:2]
+    name = bound.sock.getsockname()
+    address, number = name[:2]
+    if bound.family == socket.AF_INET6 and name[3]:      # a link-local address's scope
+        address = f"{address}%{name[3]}"
     dual_stack = bound.family == socket.AF_INET6 and bound.listen.address == "*"
     bound.sock.close()
     port = _port_class(reactor)(number, factory, BACKLOG, address, reactor)

@@ -79,7 +79,7 @@ class _PooledConnection(BackendConnection):
         ex.backend_connected(self, False)
 
 
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)   # Windows has none; the socket is non-blocking
 
 
 def still_open(conn: BackendConnection) -> bool:

@@ -256,10 +256,15 @@ def one_process_unless_asked(text: str) -> str:
     return "[server]\nmaster_process = false\n" + text
 
 
-# `twistproxy run` as on Windows: Twisted's portable select reactor, and listeners that
+# `twistproxy run` as on Windows: Twisted's portable select reactor, listeners that
 # the reactor binds again itself (listenTCP's port), as a reactor without
-# adoptStreamPort (IOCP) has them; conftest's `each_reactor` runs tests both ways
-PORTABLE_RUN = ("import sys; import twistproxy.listeners as listeners; "
+# adoptStreamPort (IOCP) has them, and without the POSIX-only names the proxy's own
+# modules could reach; conftest's `each_reactor` runs tests both ways
+PORTABLE_RUN = ("import os, socket, sys; "
+                # names Windows's Python does not have, gone before twistproxy loads
+                "[delattr(m, n) for m, n in ((socket, 'MSG_DONTWAIT'), "
+                "(os, 'getloadavg'), (os, 'sched_getaffinity')) if hasattr(m, n)]; "
+                "import twistproxy.listeners as listeners; "
                 "listeners.adopts = lambda reactor: False; "
                 "from twistproxy.cli import main; "
                 "sys.exit(main(sys.argv[1:] + ['--reactor', 'select']))")

@@ -15,7 +15,7 @@ import threading
 import time
 
 from clients import fetch
-from harness import Lab, free_port, wait_until
+from harness import Lab, free_port, read_head, wait_until
 from winstandins import ServiceProcess, service_config
 
 STOPPED, START_PENDING, STOP_PENDING, RUNNING = 1, 2, 3, 4
@@ -35,9 +35,21 @@ def test_service_serves_and_a_stop_lets_the_slow_request_finish(tmp_path):
         port = free_port()
         (tmp_path / "logs").mkdir()
         config = tmp_path / "edge.toml"
-        config.write_text(service_config(port, echo.url, access_log="logs/access.log",
-                                         server='error_log = "logs/service.log"',
-                                         graceful_timeout=6))
+        # a slow request is in flight when the service manager stops the service: the
+        # backend holds it until the service has reported its stop's progress twice
+        arrived, release = threading.Event(), threading.Event()
+
+        def hold(conn):
+            read_head(conn)
+            arrived.set()
+            release.wait(20)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        slow_backend = lab.raw(hold)
+        config.write_text(service_config(
+            port, echo.url, access_log="logs/access.log", graceful_timeout=6,
+            server='error_log = "logs/service.log"',
+            extra=f'[[vhost]]\nserver_name = "slow.test"\n[[vhost.route]]\npath = "/"\n'
+                  f'url = "{slow_backend.url}"\n'))
 
         # the service manager starts the service: START_PENDING ... RUNNING
         svc = ServiceProcess(tmp_path, config, name="twistproxy-edge")
@@ -50,25 +62,30 @@ def test_service_serves_and_a_stop_lets_the_slow_request_finish(tmp_path):
         assert r.status == 200 and r.echo["server"] == "win-backend"
         assert (r.echo["method"], r.echo["target"]) == ("GET", "/hello")
 
-        # a slow request is in flight when the service manager stops the service
         slow: dict = {}
 
         def slow_client():
-            slow["response"] = fetch(port, "/slow", {"X-Echo-Delay": "2.5"})
+            slow["response"] = fetch(port, "/slow/x", host="slow.test")
             slow["at"] = time.monotonic()
         t = threading.Thread(target=slow_client)
         t.start()
-        time.sleep(0.5)                 # it has reached the backend by now
+        assert arrived.wait(10)            # it has reached the backend
         svc.control("stop")
         svc.wait_for_state("STOP_PENDING")
         # it stops accepting at once ...
         wait_until(lambda: refused(port), 3, "the listener closed")
         closed_at = time.monotonic()
-        # ... and the request in flight is answered, after that
+        # ... keeps telling the service manager it is still stopping ...
+        svc.wait_for(lambda line: sum(1 for x in svc.lines if
+                                      x.get("status", [0, 0])[1] == STOP_PENDING) >= 2,
+                     what="a second STOP_PENDING")
+        release.set()
+        # ... and the request in flight is answered, after the listener closed
         t.join(10)
         assert slow["response"].status == 200, slow
-        assert slow["response"].echo["target"] == "/slow"
+        assert slow["response"].body == b"slow"
         assert slow["at"] > closed_at
+        assert slow_backend.accepted == 1
 
         record = svc.finish()
         states = [s[2][1] for s in record["statuses"]]
@@ -90,7 +107,7 @@ def test_service_serves_and_a_stop_lets_the_slow_request_finish(tmp_path):
         # the access log and the service log are the files the configuration names
         access = (tmp_path / "logs" / "access.log").read_text()
         assert '"GET /hello HTTP/1.1" 200' in access
-        assert '"GET /slow HTTP/1.1" 200' in access
+        assert '"GET /slow/x HTTP/1.1" 200' in access
         log = (tmp_path / "logs" / "service.log").read_text()
         assert f"listening on 127.0.0.1:{port}" in log
         assert "stop requested by the service manager" in log

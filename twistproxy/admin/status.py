@@ -85,7 +85,7 @@ class Reading:
         self.times = os.times()
         try:
             self.load = os.getloadavg()
-        except OSError:
+        except (AttributeError, OSError):       # Windows has no load average
             self.load = None
 
     def auto(self, host: str) -> str:

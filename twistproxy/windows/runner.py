@@ -97,9 +97,11 @@ class ServiceRunner:
             self._event("error", line)
             raise ServiceStartFailed(line) from e
         finally:
+            # flushed, not closed: the global log observer may still write to it
+            # (the process ends right after; the host reports STOPPED)
             if self._log_file is not None:
                 try:
-                    self._log_file.close()
+                    self._log_file.flush()
                 except OSError:
                     pass
 

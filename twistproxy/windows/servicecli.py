@@ -58,6 +58,10 @@ def main(args) -> int:
         print(f"twistproxy service {action}: {describe(e, args.name, action)}",
               file=sys.stderr)
         return 1
+    except win32serviceutil.error as e:    # RuntimeError: pythonservice.exe not found...
+        print(f"twistproxy service {action}: {e} (pywin32's service host; reinstalling "
+              "pywin32 in this environment puts it back)", file=sys.stderr)
+        return 1
 
 
 def describe(e: Any, name: str, action: str) -> str:
@@ -183,6 +187,8 @@ def debug(args, win32serviceutil, win32service) -> int:
     from .service import CONFIG_OPTION, TwistproxyService
     config = args.config
     if not config:
+        # the service must exist first: reading its option creates its registry key
+        win32serviceutil.QueryServiceStatus(args.name)      # or 1060, in words
         config = win32serviceutil.GetServiceCustomOption(args.name, CONFIG_OPTION)
         if not config:
             print(f"twistproxy service debug: no --config, and no service named "
