@@ -757,21 +757,22 @@ class Importer:
             why.append("its target is not an absolute URL")
         elif not re.search(r"\$[1-9]", target):
             why.append("its target has no $N: twistproxy would append the path")
-        alternatives: list[dict] = [{}]
+        # [OR] joins a condition to the next; the groups so made must all hold, so a
+        # route per choice of one condition from each group (their product)
+        groups: list[list] = [[]]
         for c in conds:
             expr = self._condition(c)
             if isinstance(expr, str):
                 why.append(expr)
                 continue
             header, regex, is_or = expr
-            if is_or and alternatives:
-                alternatives.append({header: regex})
-            else:
-                for alt in alternatives:
-                    if header in alt:
-                        alt[header] = f"(?={alt[header]})(?={regex})"
-                    else:
-                        alt[header] = regex
+            groups[-1].append((header, regex))
+            if not is_or:
+                groups.append([])
+        alternatives: list[dict] = [{}]
+        for group in (g for g in groups if g):
+            alternatives = [_both(alt, header, regex) for alt in alternatives
+                            for header, regex in group]
         if why:
             for c in conds:
                 self.report(c, NO_EQUIVALENT, "a condition of the rule below")
@@ -1099,6 +1100,16 @@ class Importer:
                             "responses (reverse = true); this URL is no route's",
                             proxied=True)
         return [r for r in routes if not r.table.pop("__drop", False)]
+
+
+def _both(alt: dict, header: str, regex: str) -> dict:
+    """`alt` with `header` also matching `regex` (two regexes on one header: both)."""
+    def scoped(rx: str) -> str:         # a leading (?i) may not stand inside a group
+        return f"(?i:{rx[4:]})" if rx.startswith("(?i)") else f"(?:{rx})"
+    out = dict(alt)
+    out[header] = f"(?=[\\s\\S]*?{scoped(out[header])})(?=[\\s\\S]*?{scoped(regex)})" \
+        if header in out else regex
+    return out
 
 
 def _same_url(a: str, b: str) -> bool:
