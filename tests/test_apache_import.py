@@ -258,6 +258,9 @@ def test_rewrite_conditions_or_negation_and_unsupported_ones():
     assert len(routes) == 3
     assert status == 1
     assert lines == [
+        "11: RewriteCond %{HTTP_USER_AGENT} !bot: differs (a request without User-Agent "
+        "takes this rule in Apache (the empty value does not match), not in twistproxy, "
+        "whose header matches need the header)",
         "13: RewriteCond %{REMOTE_ADDR} ^10\\.: no equivalent (a condition of the rule "
         "below)",
         "14: RewriteRule ^/admin/(.*)$ http://127.0.0.1:9004/$1 [P]: differs (a condition "

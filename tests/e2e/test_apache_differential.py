@@ -272,3 +272,64 @@ def test_the_usual_howto_behind_both(lab, tmp_path):
         assert ("X-Forwarded-Proto", "https") in [tuple(h) for h in t.echo["headers"]]
     finally:
         s.close()
+
+
+def test_run_apache_tries_an_apache_file_in_one_command(lab, tmp_path):
+    """`twistproxy run --apache httpd.conf`: imported in memory and served; what is not
+    carried over is said first, on stderr."""
+    import subprocess
+    import sys
+
+    from harness import ROOT, free_port, wait_port
+    echo = lab.echo("tomcat")
+    port = free_port()
+    conf = tmp_path / "httpd.conf"
+    conf.write_text(f"""ServerName try.example
+Listen 127.0.0.1:{port}
+DocumentRoot /var/www/html
+ProxyPreserveHost On
+ProxyPass /app/ {echo.url}/app/
+ProxyPassReverse /app/ {echo.url}/app/
+""")
+    err = tmp_path / "run.err"
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "twistproxy.cli", "run", "--apache",
+                                 str(conf)], stderr=f, cwd=ROOT)
+    try:
+        wait_port("127.0.0.1", port, proc=proc)
+        t = fetch(port, "/app/orders", host="try.example")
+        assert (t.echo["server"], t.echo["target"]) == ("tomcat", "/app/orders")
+        assert fetch(port, "/index.html", host="try.example").status == 404
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    text = err.read_text()
+    assert f"{conf}:3: DocumentRoot /var/www/html: no equivalent (twistproxy serves no " \
+           "files)" in text.splitlines()[0]
+    assert "Traceback" not in text
+
+
+def test_import_apache_output_passes_check(tmp_path):
+    out = tmp_path / "farm.toml"
+    src = Fixture("iis-farm-sticky.conf", tmp_path / "src")
+    result = run_cli("import-apache", str(src.path), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("imported 1 listener(s), 1 vhost(s), "
+                                                     "1 route(s), 1 balancer(s);")
+    check = run_cli("check", str(out))
+    assert check.returncode == 0, check.stderr
+    # the file says where each part came from
+    assert f"# BalancerMember http://127.0.0.1:8103/ route=node3 status=+H loadfactor=2  " \
+           f"({src.path}:22)" in out.read_text()
+
+
+def test_every_fixture_is_what_apache_itself_accepts():
+    """The fixtures are real configurations: `apache2 -t` on each (the script makes a
+    throwaway certificate for the TLS one)."""
+    import subprocess
+    from apache import FIXTURES
+    result = subprocess.run(["bash", str(FIXTURES / "check-with-apache.sh")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["ok", "iis-port80.conf", "ok", "iis-farm-sticky.conf",
+                                     "ok", "howto.conf", "ok", "debian/apache2.conf"]

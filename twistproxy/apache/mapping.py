@@ -107,6 +107,10 @@ _BALANCER_KEYS = {"lbmethod", "stickysession", "stickysessionsep", "scolonpathde
                   "forcerecovery", "growth"}
 _MEMBER_KEYS = {"route", "loadfactor", "lbset", "redirect", "status"} | _WORKER_KEYS
 _HC_KEYS = {"hcmethod", "hcuri", "hcinterval", "hcpasses", "hcfails"}
+# worker parameters that tune Apache's buffers or connection handling, not what is
+# sent or to whom: not needed here
+_TUNING_KEYS = {"iobuffersize", "receivebuffersize", "flushpackets", "flushwait",
+                "enablereuse", "addressttl", "secret", "mapping"}
 _BOOLEAN_KEYS = {"disablereuse", "keepalive", "scolonpathdelim", "nofailover",
                  "failontimeout", "forcerecovery"}
 _DURATION_KEYS = {"ttl", "acquire", "connectiontimeout", "timeout", "retry", "ping",
@@ -424,6 +428,9 @@ class Importer:
                 self._balancer_param(srv, url, k, v, node)
             elif k in _WORKER_KEYS or k in _WORKER_RENAMED:
                 self._param(route, _WORKER_RENAMED.get(k, k), v, node)
+            elif k in _TUNING_KEYS:
+                self.report(node, NOT_NEEDED, f"{param}: twistproxy sizes its own buffers "
+                            "and reuses connections (disablereuse=On to stop that)")
             else:
                 self.report(node, DIFFERS, f"{param}: not a parameter twistproxy has",
                             proxied=True)
@@ -560,6 +567,9 @@ class Importer:
                             proxied=True)
             elif k in _MEMBER_KEYS or k in _WORKER_RENAMED:
                 self._param(member, _WORKER_RENAMED.get(k, k), v, node)
+            elif k in _TUNING_KEYS:
+                self.report(node, NOT_NEEDED, f"{param}: twistproxy sizes its own buffers "
+                            "and reuses connections (disablereuse=On to stop that)")
             else:
                 self.report(node, DIFFERS, f"{param}: not a parameter twistproxy has",
                             proxied=True)
@@ -812,6 +822,9 @@ class Importer:
         regex = pattern
         if negate:
             regex = f"^(?![\\s\\S]*?(?:{pattern}))"
+            self.report(node, DIFFERS, f"a request without {header} takes this rule in "
+                        "Apache (the empty value does not match), not in twistproxy, "
+                        "whose header matches need the header", proxied=True)
         if "nc" in flags or "nocase" in flags:
             regex = "(?i)" + regex
         return header, regex, ("or" in flags or "ornext" in flags)
