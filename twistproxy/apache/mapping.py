@@ -118,6 +118,14 @@ _DURATION_KEYS = {"ttl", "acquire", "connectiontimeout", "timeout", "retry", "pi
 _INT_KEYS = {"max", "smax", "maxattempts", "growth", "lbset", "hcpasses", "hcfails",
              "response_field_size"}
 
+_ON_OFF = ("on", "off")
+_VHOST_CHOICES = {
+    "proxypreservehost": ("preserve_host", _ON_OFF),
+    "proxyaddheaders": ("add_headers", _ON_OFF),
+    "proxyrequests": ("proxy_requests", _ON_OFF),
+    "proxyvia": ("proxy_via", ("off", "on", "full", "block")),
+    "allowencodedslashes": ("allow_encoded_slashes", ("off", "on", "nodecode")),
+}
 _REWRITE_HEADERS = {"HTTP_HOST": "Host", "HTTP_USER_AGENT": "User-Agent",
                     "HTTP_REFERER": "Referer", "HTTP_COOKIE": "Cookie",
                     "HTTP_ACCEPT": "Accept", "HTTP_FORWARDED": "Forwarded",
@@ -213,6 +221,8 @@ class Importer:
         handler = getattr(self, f"d_{key}", None)
         if handler is not None:
             handler(node, srv)
+        elif key in _VHOST_CHOICES:
+            self.vhost_choice(node, srv)
         elif node.is_section and key in _SECTIONS_NO_EQUIVALENT:
             self.report(node, NO_EQUIVALENT, "its directives are not read: twistproxy "
                         "serves no files and has no per-directory configuration")
@@ -356,32 +366,13 @@ class Importer:
         srv.keys[key] = value
         srv.notes[key] = node
 
-    def d_proxypreservehost(self, node: Node, srv: _Server) -> None:
-        flag = self._flag(node)
-        if flag is not None:
-            self._vhost_key("preserve_host", flag, node, srv)
-
-    def d_proxyaddheaders(self, node: Node, srv: _Server) -> None:
-        flag = self._flag(node)
-        if flag is not None:
-            self._vhost_key("add_headers", flag, node, srv)
-
-    def d_proxyvia(self, node: Node, srv: _Server) -> None:
+    def vhost_choice(self, node: Node, srv: _Server) -> None:
+        """A directive that is one vhost key: On/Off, or one of a few words."""
+        key, choices = _VHOST_CHOICES[node.key]
         value = (node.args[0] if node.args else "").lower()
-        if value in ("off", "on", "full", "block"):
-            self._vhost_key("proxy_via", value, node, srv)
-        else:
-            self.report(node, DIFFERS, "expected Off, On, Full or Block", proxied=True)
-
-    def d_allowencodedslashes(self, node: Node, srv: _Server) -> None:
-        value = (node.args[0] if node.args else "").lower()
-        if value in ("off", "on", "nodecode"):
-            self._vhost_key("allow_encoded_slashes", value, node, srv)
-
-    def d_proxyrequests(self, node: Node, srv: _Server) -> None:
-        flag = self._flag(node)
-        if flag is not None:
-            self._vhost_key("proxy_requests", flag, node, srv)
+        if value not in choices:
+            return self.report(node, DIFFERS, f"expected {', '.join(choices)}", proxied=True)
+        self._vhost_key(key, value == "on" if choices == _ON_OFF else value, node, srv)
 
     def d_allowconnect(self, node: Node, srv: _Server) -> None:
         ports: list = []
