@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from .. import __version__
 from ..config import Config, ConfigError, loads
-from .mapping import Imported, ImportError_, import_parsed
+from .mapping import Imported, ImportError_, InvalidAt, import_parsed
 from .parser import ApacheConfigError, parse
 from .tomlout import dumps
 
@@ -37,6 +37,8 @@ def convert(path: str, server_root: str | None = None, defines=(),
         imported = import_parsed(parsed)
     except ImportError_ as e:
         raise Failed(f"{path}: {e}", 1) from None
+    except InvalidAt as e:              # a value Apache itself refuses
+        raise Failed(str(e), 2) from None
     header = (f"Imported from {parsed.files[0]} (ServerRoot {parsed.server_root}) by "
               f"twistproxy {__version__} import-apache, "
               f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.\n"

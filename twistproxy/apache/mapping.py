@@ -73,13 +73,29 @@ _NOT_NEEDED = {
     "addefaultcharset": "", "traceenable": "", "sslrandomseed": "",
     "sslsessioncache": "", "sslsessioncachetimeout": "", "sslpassphrasedialog": "",
     "sslstaplingcache": "", "sslcompression": "off is twistproxy's only setting",
-    "rewriteengine": "", "proxyerroroverride": "", "loglevel": "twistproxy run "
+    "rewriteengine": "", "loglevel": "twistproxy run "
     "--log-level", "keepalive": "keep-alive is on; keepalive_timeout = 0 would end it",
     "proxyset": "", "sslproxyengine": "an https:// backend URL is TLS by itself",
     "extendedstatus": "server-status always shows everything",
     "maxkeepaliverequests": "a client connection serves requests until it is idle "
     "for keepalive_timeout",
 }
+# directives with no equivalent that change what proxied requests get
+_CHANGES_PROXIED = {
+    "sslverifyclient": "client certificates are not asked for: anyone who reaches the "
+    "listener is proxied", "sslverifydepth": "no client certificates",
+    "sslcacertificatefile": "no client certificates (SSLProxyCACertificateFile is for "
+    "backends)", "sslcacertificatepath": "no client certificates",
+    "proxyerroroverride": "backends' error pages are passed through as they are",
+    "limitrequestbody": "request bodies are not limited in size",
+    "rewriteoptions": "rewrite rules are not inherited", "proxyremote": "no upstream "
+    "proxy", "proxyremotematch": "no upstream proxy", "proxybadheader": "a bad response "
+    "header is always a 502", "authtype": "no authentication on reverse-proxied "
+    "requests", "authname": "", "authuserfile": "", "authbasicprovider": "",
+}
+_PROXY_ENV = ("force-proxy-request-1.0", "proxy-nokeepalive", "proxy-initial-not-pooled",
+              "proxy-sendchunked", "proxy-sendcl", "proxy-interim-response", "no-proxy",
+              "proxy-chain-auth", "proxy-source-port")
 # file serving and other things a proxy does not do
 _NO_EQUIVALENT = {
     "documentroot": "twistproxy serves no files", "alias": "twistproxy serves no files",
@@ -185,6 +201,17 @@ class _Server:
     proxy_access: tuple[list[str], Node] | None = None
 
 
+class InvalidApache(ValueError):
+    """A value Apache itself would refuse: the input is not a valid configuration."""
+
+
+class InvalidAt(Exception):
+    """`where: what` for an InvalidApache value (exit status 2)."""
+
+    def __init__(self, where: str, what: str):
+        super().__init__(f"{where}: {what}")
+
+
 class ImportError_(Exception):
     """An Apache configuration that is valid for Apache but makes no twistproxy
     configuration (no Listen at all, say): one line."""
@@ -201,6 +228,7 @@ class Importer:
         self.server_notes: dict = {}
         self.all_balancers: dict[str, _Balancer] = {}
         self.timeout: tuple[float, Node] | None = None
+        self.on_wildcard: dict = {}      # IP vhosts whose port is bound as a wildcard
 
     # -- reporting ------------------------------------------------------------------
 
@@ -217,6 +245,15 @@ class Importer:
         return Imported(doc, list(dict.fromkeys(self.reports)))
 
     def directive(self, node: Node, srv: _Server) -> None:
+        try:
+            self._directive(node, srv)
+        except InvalidApache as e:
+            raise InvalidAt(node.where, f"{shown(node)}: {e}") from None
+        except (ValueError, IndexError) as e:
+            self.report(node, DIFFERS, f"could not be read ({e}): not carried over",
+                        proxied=True)
+
+    def _directive(self, node: Node, srv: _Server) -> None:
         key = node.key
         handler = getattr(self, f"d_{key}", None)
         if handler is not None:
@@ -228,13 +265,20 @@ class Importer:
                         "serves no files and has no per-directory configuration")
         elif key in _NOT_NEEDED:
             self.report(node, NOT_NEEDED, _NOT_NEEDED[key])
+        elif key in _CHANGES_PROXIED:
+            self.report(node, NO_EQUIVALENT, _CHANGES_PROXIED[key], proxied=True)
+        elif key in ("setenv", "setenvif", "setenvifnocase", "browsermatch") and \
+                any(a.lower().lstrip("!").startswith(_PROXY_ENV) for a in node.args):
+            self.report(node, NO_EQUIVALENT, "mod_proxy's environment switches are not "
+                        "carried over", proxied=True)
         elif key in _NO_EQUIVALENT:
             self.report(node, NO_EQUIVALENT, _NO_EQUIVALENT[key])
         elif node.is_section:
             self.report(node, NO_EQUIVALENT, "an unknown section: its directives are not "
-                        "read")
+                        "read", proxied=True)
         else:
-            self.report(node, NO_EQUIVALENT)
+            # unknown to the importer: it may change what is proxied, so say so
+            self.report(node, NO_EQUIVALENT, "not known to the importer", proxied=True)
 
     # -- global ---------------------------------------------------------------------
 
@@ -263,28 +307,35 @@ class Importer:
             self.report(node, DIFFERS, "twistproxy has prod, full and off: prod")
 
     def d_keepalivetimeout(self, node: Node, srv: _Server) -> None:
-        self.set_server("keepalive_timeout", _number(node.args[0]), node)
+        self.set_server("keepalive_timeout", _seconds(node.args[0]), node)
 
     def d_timeout(self, node: Node, srv: _Server) -> None:
         # Apache's Timeout is ProxyTimeout's default
         if self.timeout is None or self.timeout[1].key == "timeout":
-            self.timeout = (_number(node.args[0]), node)
+            self.timeout = (_seconds(node.args[0]), node)
 
     def d_proxytimeout(self, node: Node, srv: _Server) -> None:
         if srv is self.main:
-            self.timeout = (_number(node.args[0]), node)
+            self.timeout = (_seconds(node.args[0]), node)
         else:
-            srv.keys["__timeout"] = _number(node.args[0])
+            srv.keys["__timeout"] = _seconds(node.args[0])
             srv.notes["__timeout"] = node
 
     def d_limitrequestline(self, node: Node, srv: _Server) -> None:
-        self.set_server("limit_request_line", int(node.args[0]), node)
+        self.limit("limit_request_line", node, 64)
 
     def d_limitrequestfieldsize(self, node: Node, srv: _Server) -> None:
-        self.set_server("limit_request_fieldsize", int(node.args[0]), node)
+        self.limit("limit_request_fieldsize", node, 64)
 
     def d_limitrequestfields(self, node: Node, srv: _Server) -> None:
-        self.set_server("limit_request_fields", int(node.args[0]), node)
+        self.limit("limit_request_fields", node, 1)
+
+    def limit(self, key: str, node: Node, lowest: int) -> None:
+        value = _atoi(node.args[0])
+        if value < lowest:
+            return self.report(node, DIFFERS, f"twistproxy's {key} is at least {lowest}: "
+                               "left at its default", proxied=True)
+        self.set_server(key, value, node)
 
     def d_requestreadtimeout(self, node: Node, srv: _Server) -> None:
         for arg in node.args:
@@ -340,7 +391,9 @@ class Importer:
             self.directive(child, vh)
 
     def d_servername(self, node: Node, srv: _Server) -> None:
-        name = node.args[0] if node.args else ""
+        if not node.args:
+            raise InvalidApache("ServerName takes one argument")
+        name = node.args[0]
         name = re.sub(r"^[a-z]+://", "", name)
         name = re.sub(r":\d+$", "", name)
         srv.names = [name]
@@ -385,9 +438,12 @@ class Importer:
     def d_proxypass(self, node: Node, srv: _Server, location: str | None = None,
                     regex: bool = False) -> None:
         args = list(node.args)
+        if location is None and args[:1] == ["~"]:       # ProxyPass ~ REGEX URL
+            args = args[1:]
+            regex = True
         if location is None:
             if len(args) < 2:
-                return self.report(node, DIFFERS, "needs a path and a URL", proxied=True)
+                raise InvalidApache("outside <Location> it takes a path and a URL")
             path, target, params = args[0], args[1], args[2:]
         else:
             if not args:
@@ -402,6 +458,10 @@ class Importer:
             route["exclude"] = True
             self._add_route(srv, route, node, location)
             return
+        if not regex and location is not None and _is_glob(path):
+            return self.report(node, DIFFERS, f"<Location {path}> is a wildcard: not "
+                               "carried over (use <LocationMatch> with a regex)",
+                               proxied=True)
         url = target
         if not re.match(r"(?i)(https?|wss?|balancer)://", url):
             return self.report(node, NO_EQUIVALENT, "twistproxy proxies to http, https, "
@@ -417,6 +477,9 @@ class Importer:
             k = k.lower()
             if balancer and k in _BALANCER_KEYS:
                 self._balancer_param(srv, url, k, v, node)
+            elif k == "status" and v.upper().strip("+-") not in ("I", ""):
+                self.report(node, DIFFERS, f"{param}: a route's worker takes only I",
+                            proxied=True)
             elif k in _WORKER_KEYS or k in _WORKER_RENAMED:
                 self._param(route, _WORKER_RENAMED.get(k, k), v, node)
             elif k in _TUNING_KEYS:
@@ -519,7 +582,7 @@ class Importer:
         return srv.balancers.get(name) or self.main.balancers.get(name)
 
     def _balancer_param(self, srv: _Server, url: str, key: str, value: str, node: Node) -> None:
-        bal = self._find_balancer(srv, url) or self._balancer(srv, url, node)
+        bal = self._find_balancer(srv, url) or self._balancer(self.main, url, node)
         converted = _convert(key, value)
         if converted is None:
             self.report(node, DIFFERS, f"{key}={value}: not a value twistproxy takes",
@@ -539,6 +602,10 @@ class Importer:
         if not args:
             return self.report(node, DIFFERS, "needs a URL", proxied=True)
         member = Table(f"{shown(node)}  ({node.where})", url=args[0])
+        if re.match(r"(?i)[a-z]+://[^/]+/$", args[0]):
+            self.report(node, DIFFERS, "the member URL ends in /: Apache sends the "
+                        "request's path after it whole (//page), twistproxy one slash "
+                        "(/page) (README, Deliberate differences)")
         hc: dict = {}
         for param in args[1:]:
             k, _, v = param.partition("=")
@@ -549,7 +616,7 @@ class Importer:
                     self.report(node, DIFFERS, f"hctemplate={v}: no such ProxyHCTemplate "
                                 "before it", proxied=True)
                 else:
-                    hc = {**template, **hc}
+                    hc.update(template)           # as Apache: a later parameter wins
             elif k in _HC_KEYS:
                 hc[k] = v
             elif k == "hcexpr":
@@ -610,7 +677,10 @@ class Importer:
     # -- <Location> -----------------------------------------------------------------
 
     def d_location(self, node: Node, srv: _Server, regex: bool = False) -> None:
-        path = node.args[0] if node.args else "/"
+        args = list(node.args)
+        if args[:1] == ["~"]:                        # <Location ~ "regex">
+            args, regex = args[1:], True
+        path = args[0] if args else "/"
         handler = None
         requires: list[Node] = []
         for child in node.children or ():
@@ -689,6 +759,10 @@ class Importer:
             self.report(node, DIFFERS, "no action", proxied=True)
             return None
         action = args.pop(0).lower()
+        if args and args[-1].lower() == "early":
+            self.report(node, DIFFERS, "early: applied like the others, not before the "
+                        "request is read", proxied=True)
+            args.pop()
         condition = args[-1] if args and re.match(r"(?i)(env=|expr=)", args[-1]) else None
         if condition:
             self.report(node, DIFFERS, f"{condition}: conditions are not carried over",
@@ -758,6 +832,11 @@ class Importer:
             why.append("its target is not an absolute URL")
         elif not re.search(r"\$[1-9]", target):
             why.append("its target has no $N: twistproxy would append the path")
+        if re.search(r"%[0-9{]", target):
+            why.append("its target uses %N or %{...}, which twistproxy does not expand")
+        if "?" in target and "qsa" not in flags:
+            why.append("its target has a query, which replaces the request's without "
+                       "[QSA]; twistproxy would append the request's")
         # [OR] joins a condition to the next; the groups so made must all hold, so a
         # route per choice of one condition from each group (their product)
         groups: list[list] = [[]]
@@ -811,6 +890,14 @@ class Importer:
         if pattern.startswith(("<", ">", "=", "-")):
             return f"the comparison {pattern!r} (only regexes are carried over)"
         regex = pattern
+        try:
+            matches_empty = re.search(pattern, "") is not None
+        except re.error:
+            return f"the pattern {pattern!r} is not a regex Python reads"
+        if matches_empty and not negate:
+            self.report(node, DIFFERS, f"a request without {header} takes this rule in "
+                        "Apache (the pattern matches an empty value), not in twistproxy, "
+                        "whose header matches need the header", proxied=True)
         if negate:
             regex = f"^(?![\\s\\S]*?(?:{pattern}))"
             self.report(node, DIFFERS, f"a request without {header} takes this rule in "
@@ -924,14 +1011,22 @@ class Importer:
             seen[key] = node
             table = Table(f"{shown(node)}  ({node.where})", address=address, port=port)
             out.append((table, key, node))
-        # TLS: the vhosts with SSLEngine on give their listener its certificates
+        # TLS: the vhosts with SSLEngine on give their listener its certificates (a
+        # vhost inherits the main server's SSL directives; the main server serves the
+        # listeners no vhost names)
+        keys = [k for _, k, _ in out]
+        for vh in self.vhosts:
+            vh.ssl = {**self.main.ssl, **vh.ssl}
+        claimed = {k for vh in self.vhosts for k in self._vhost_keys(vh, keys)}
         for table, key, node in out:
             certs = []
-            for vh in self.vhosts:
+            for vh in self.vhosts + [self.main]:
                 engine = vh.ssl.get("engine")
                 if not engine or not engine[0]:
                     continue
-                if key not in self._vhost_keys(vh, [k for _, k, _ in out]):
+                served = self._vhost_keys(vh, keys) if vh is not self.main else \
+                    [k for k in keys if k not in claimed]
+                if key not in served:
                     continue
                 if "cert" not in vh.ssl or "key" not in vh.ssl:
                     if "cert" in vh.ssl and "key" not in vh.ssl:
@@ -954,7 +1049,7 @@ class Importer:
             table["tls"] = tls
             extra = []
             for vh in certs[1:]:
-                names = vh.names + vh.aliases
+                names = (vh.names or self.main.names) + vh.aliases
                 cert = Table(f"{shown(vh.node)}  ({vh.node.where})", server_name=names,
                              cert=vh.ssl["cert"][0], key=vh.ssl["key"][0])
                 if "chain" in vh.ssl:
@@ -979,8 +1074,11 @@ class Importer:
                     if (laddr, int(lport)) in ip_specific and laddr != "*":
                         continue
                     out.append(key)
-                elif laddr == "*" or laddr in ("0.0.0.0", "::") or \
-                        self._norm(address, int(lport))[0] == laddr:
+                elif laddr in ("*", "0.0.0.0", "::"):
+                    # Apache serves it on connections to that address only; one
+                    # wildcard socket cannot do that here (_vhosts reports it)
+                    self.on_wildcard.setdefault(id(vh), (vh, key))
+                elif self._norm(address, int(lport))[0] == laddr:
                     out.append(key)
         return list(dict.fromkeys(out))
 
@@ -998,16 +1096,23 @@ class Importer:
         servers = []
         for vh in self.vhosts:
             served = self._vhost_keys(vh, keys)
+            if id(vh) in self.on_wildcard:
+                key = self.on_wildcard[id(vh)][1]
+                self.report(vh.node, DIFFERS, f"its address's port is bound for every "
+                            f"address ({key}): twistproxy cannot serve this vhost on "
+                            "connections to one address of a wildcard socket; Listen each "
+                            "address on its own instead", proxied=True)
             if not served:
-                self.report(vh.node, DIFFERS, "no Listen serves its address: left out",
-                            proxied=bool(vh.proxypass or vh.rewrites or vh.locations))
+                if id(vh) not in self.on_wildcard:
+                    self.report(vh.node, DIFFERS, "no Listen serves its address: left out",
+                                proxied=bool(vh.proxypass or vh.rewrites or vh.locations))
                 continue
             claimed.update(served)
             servers.append((vh, served))
         rest = [k for k in keys if k not in claimed]
         if rest or not servers:
             servers.append((self.main, rest if servers else []))
-        elif "__servername" in self.main.notes:
+        elif "__servername" in self.main.notes and all(v.names for v in self.vhosts):
             self.report(self.main.notes["__servername"], NOT_NEEDED, "every address has "
                         "its <VirtualHost>s, so the main server answers none")
         for vh, served in servers:
@@ -1073,7 +1178,12 @@ class Importer:
             if not url:
                 continue
             for i, (path, rurl, node) in enumerate(reverse):
-                if _same_url(rurl, url):
+                if _same_url(rurl, url) and path.rstrip("/") == \
+                        str(t.get("path", t.get("regex", ""))).rstrip("/"):
+                    t["reverse"] = True
+                    used.add(i)
+                elif _same_url(rurl, url) and "regex" in t and i not in used:
+                    # ProxyPassMatch: its ProxyPassReverse names a prefix of the URL
                     t["reverse"] = True
                     used.add(i)
             if cookie_domain:
@@ -1088,11 +1198,21 @@ class Importer:
                     t[k] = v
             if url.lower().startswith("balancer://"):
                 bal = self._find_balancer(vh, url)
+                if bal is not None and not bal.members:
+                    self.report(route.node, DIFFERS, "its balancer has no members: left "
+                                "out", proxied=True)
+                    t["__drop"] = True
+                    continue
                 if bal is None:
                     self.report(route.node, DIFFERS, "no <Proxy> defines this balancer",
                                 proxied=True)
                     t["__drop"] = True
                     continue
+                if timeout is not None:
+                    for member in bal.members:
+                        if "timeout" not in member:
+                            member["timeout"] = timeout
+                            member.note("timeout", "the vhost's ProxyTimeout")
                 if bal.name != _balancer_name(url):
                     t["url"] = re.sub(r"(?i)^balancer://[^/]+", f"balancer://{bal.name}", url)
                 for cookie, node in (main.sticky_cookies + ([] if is_main else
@@ -1145,6 +1265,25 @@ def _number(text: str):
     return int(value) if value.is_integer() else value
 
 
+def _atoi(text: str) -> int:
+    """C's atoi, as Apache reads most numbers: the leading digits ("8k" is 8)."""
+    m = re.match(r"\s*([+-]?\d+)", text)
+    if not m:
+        raise InvalidApache(f"{text!r} is not a number")
+    return int(m.group(1))
+
+
+_TIME_UNITS = {"ms": 0.001, "s": 1, "mi": 60, "min": 60, "h": 3600}
+
+
+def _seconds(text: str, default: str = "s") -> float | int:
+    """ap_timeout_parameter_parse: digits and an optional unit (ms, s, mi, h)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([a-z]*)\s*", text.lower())
+    if not m or (m.group(2) and m.group(2) not in _TIME_UNITS):
+        raise InvalidApache(f"{text!r} is not a time (digits, then ms, s, mi or h)")
+    return _number(str(int(m.group(1)) * _TIME_UNITS[m.group(2) or default]))
+
+
 def _flags(text: str) -> list[str]:
     text = text.strip()
     if not (text.startswith("[") and text.endswith("]")):
@@ -1160,14 +1299,23 @@ def _convert(key: str, value: str):
             if low in ("on", "off"):
                 return low == "on"
             return None
+        if key in ("timeout", "ttl", "retry"):
+            # atoi seconds: "500ms" is 500 s, "5.5" is 5 (mod_proxy's own parsing)
+            n = _atoi(value)
+            if n < (0 if key == "retry" else 1):
+                raise InvalidApache(f"{key}={value}: must be at least "
+                                    f"{0 if key == 'retry' else 1}")
+            return n
+        if key == "acquire":
+            return _seconds(value, "ms")               # milliseconds by default
         if key in _DURATION_KEYS:
-            m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)?", low)
-            if not m:
-                return None
-            return value if m.group(2) == "ms" else _number(m.group(1))
+            return _seconds(value)
         if key in _INT_KEYS:
-            return int(value)
+            return _atoi(value)
         if key == "loadfactor":
+            n = float(value)
+            if not 1 <= n <= 100:
+                raise InvalidApache(f"loadfactor={value}: must be from 1 to 100")
             return _number(value)
         if key == "failonstatus":
             return [int(x) for x in value.split(",")]
@@ -1175,6 +1323,8 @@ def _convert(key: str, value: str):
             return value.upper()
         if key == "upgrade":
             return value
+    except InvalidApache:
+        raise
     except ValueError:
         return None
     return value
@@ -1225,3 +1375,7 @@ def _partial_ip(text: str) -> str:
 
 def import_parsed(parsed: Parsed) -> Imported:
     return Importer(parsed).run()
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
