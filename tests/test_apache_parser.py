@@ -262,7 +262,7 @@ def test_main_file_unreadable(tmp_path):
     missing = str(tmp_path / "nothere.conf")
     with pytest.raises(ApacheConfigError) as e:
         parse(missing)
-    assert str(e.value) == f"{missing}:0: cannot read: No such file or directory"
+    assert str(e.value) == f"{missing}: cannot read: No such file or directory"
     assert (e.value.file, e.value.line) == (missing, 0)
 
 

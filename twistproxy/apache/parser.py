@@ -124,14 +124,16 @@ class Parsed:
 
 
 class ApacheConfigError(Exception):
+    """`file:line: message`; a whole file's problem (line 0) is `file: message`."""
+
     def __init__(self, file: str, line: int, message: str):
-        super().__init__(f"{file}:{line}: {message}")
+        super().__init__(f"{file}:{line}: {message}" if line else f"{file}: {message}")
         self.file = file
         self.line = line
         self.message = message
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
+        return str(self.args[0])
 
 
 # -- tokenizer ---------------------------------------------------------------
