@@ -1,0 +1,190 @@
+"""[cluster] end to end: three twistproxy "hosts" on 127.0.0.2, .3 and .4 (each a
+master and its worker) with one configuration (their listen address and node name
+apart), a real redis-server of the test's own on a free loopback port.
+
+The transcript: a drain made on host A's manager reaches B's and C's workers (new
+non-sticky requests avoid the member); Redis killed: every host goes on serving, no
+request fails; a change made on A meanwhile converges once Redis is back (empty: it
+keeps nothing), by the documented rule; host C killed and started again takes the
+cluster's state up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from urllib.parse import urlencode
+
+import pytest
+
+from clients import fetch
+from harness import Lab, Proxy, free_port, wait_until
+from redisserver import RedisServer
+
+HOSTS = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
+
+
+def config(address: str, node: str, port: int, admin: int, redis_url: str, members,
+           extra: str = "") -> str:
+    out = [f"""
+[server]
+access_log = "-"
+worker_processes = 1
+
+[[listen]]
+address = "{address}"
+port = {port}
+
+[admin]
+address = "{address}"
+port = {admin}
+allow = ["127.0.0.0/8"]
+
+[cluster]
+redis = "{redis_url}"
+name = "edge"
+node = "{node}"
+{extra}
+
+[[vhost]]
+server_name = "proxy.test"
+  [[vhost.route]]
+  path = "/"
+  url = "balancer://farm/"
+
+[balancer.farm]
+stickysession = "ROUTEID"
+"""]
+    for name, url in members:
+        out.append(f'  [[balancer.farm.member]]\n  url = "{url}"\n  route = "{name}"\n')
+    return "".join(out)
+
+
+class Host:
+    """One host: its proxy and a client of its pages."""
+
+    def __init__(self, lab: Lab, node: str, port: int, admin: int, redis_url: str,
+                 members, name: str | None = None):
+        self.node, self.address, self.port, self.admin = node, HOSTS[node], port, admin
+        self.text = config(self.address, node, port, admin, redis_url, members)
+        self.lab = lab
+        self.proxy = lab.add(Proxy(self.text, lab.tmp, name=name or f"{node}.toml"))
+
+    def restart(self) -> None:
+        self.proxy = self.lab.add(Proxy(self.text, self.lab.tmp, name=f"{self.node}-2.toml"))
+
+    def get(self, query: str = ""):
+        return fetch(self.admin, "/balancer-manager" + query, host=f"{self.address}:"
+                     f"{self.admin}", address=self.address)
+
+    def state(self) -> dict:
+        r = self.get("?format=json")
+        assert r.status == 200, r
+        return r.json()
+
+    def member(self, route: str) -> dict:
+        (b,) = self.state()["balancers"]
+        return next(m for m in b["members"] if m["route"] == route)
+
+    def change(self, route: str, **fields) -> None:
+        (b,) = self.state()["balancers"]
+        form = {"b": "farm", "nonce": b["nonce"], "w": self.member(route)["name"], **fields}
+        r = fetch(self.admin, "/balancer-manager", {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Referer": f"http://{self.address}:{self.admin}/balancer-manager"},
+            host=f"{self.address}:{self.admin}", address=self.address, method="POST",
+            body=urlencode(form).encode())
+        assert r.status == 200, r.body
+
+    def auto(self) -> dict:
+        r = fetch(self.admin, "/server-status?auto", host=f"{self.address}:{self.admin}",
+                  address=self.address)
+        assert r.status == 200, r
+        return dict(line.split(": ", 1) for line in r.body.decode().splitlines()
+                    if ": " in line)
+
+    def spread(self, n: int = 12) -> Counter:
+        return Counter(fetch(self.port, "/", address=self.address).echo["server"]
+                       for _ in range(n))
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path)
+    yield lab
+    lab.close()
+
+
+def test_three_hosts_share_the_manager_state(lab):
+    redis = lab.add(RedisServer(free_port()))
+    a, b = lab.echos("a", "b")
+    members = [("a", a.url), ("b", b.url)]
+    port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    hosts = {n: Host(lab, n, port, admin, redis.url, members) for n in HOSTS}
+    A, B, C = hosts["a"], hosts["b"], hosts["c"]
+    for h in hosts.values():
+        wait_until(lambda: h.auto().get("ClusterNodes") == "3", 10, f"{h.node} sees 3 nodes")
+    # one configuration: the digests agree (the listen addresses are not in them)
+    assert {n["node"]: n["same_config"] for n in A.state()["cluster"]["nodes"]} == \
+        {"a": True, "b": True, "c": True}
+    assert b"Cluster" in A.get().body and b"DIFFERS" not in A.get().body
+
+    # -- a drain on A's manager reaches B's and C's workers
+    A.change("b", w_status_N="1")
+    started = time.monotonic()
+    for h in (B, C):
+        wait_until(lambda: "N" in h.member("b")["flags"], 5, f"{h.node} has b drained")
+    took = time.monotonic() - started
+    for h in (B, C):
+        assert h.spread() == Counter({"a": 12}), h.node
+        last = h.state()["cluster"]["last_change"]
+        assert last["node"] == "a" and last["source"] == "manager", last
+    assert B.auto()["ClusterLastChange"].split()[1:] == ["a", "manager"]
+    print(f"drain on a seen by b and c within {took:.2f}s")
+
+    # -- Redis gone: every host serves, no request fails
+    redis.kill()
+    for h in hosts.values():
+        wait_until(lambda: h.auto()["ClusterConnected"] == "0", 5, f"{h.node} offline")
+    for h in hosts.values():
+        assert h.spread(20) == Counter({"a": 20}), h.node
+    # a change on A meanwhile: applied on A at once, shared when Redis is back
+    A.change("a", w_lf="5")
+    assert A.member("a")["loadfactor"] == 5
+    assert B.member("a")["loadfactor"] == 1
+    assert A.auto()["ClusterPending"] == "1"
+
+    # -- Redis back, empty: A's base version is still the highest, so its change wins
+    redis.start()
+    for h in hosts.values():
+        wait_until(lambda: h.member("a")["loadfactor"] == 5 and
+                   "N" in h.member("b")["flags"], 10, f"{h.node} converged")
+    versions = {h.auto()["ClusterVersion"] for h in hosts.values()}
+    assert len(versions) == 1, versions
+    assert A.auto()["ClusterPending"] == "0"
+    assert "is replaced by the cluster" not in A.proxy.log()
+
+    # -- C killed and started again: it takes the state up from Redis
+    C.proxy.proc.kill()
+    C.proxy.proc.wait()
+    wait_until(lambda: _free(C.address, C.port) and _free(C.address, C.admin), 10,
+               "c's ports free")
+    C.restart()
+    wait_until(lambda: C.member("a")["loadfactor"] == 5 and "N" in C.member("b")["flags"],
+               10, "c restarted has the state")
+    assert C.spread() == Counter({"a": 12})
+    for h in (A, B):
+        assert "Traceback" not in h.proxy.log()
+
+
+def _free(host: str, port: int) -> bool:
+    import socket
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -1,0 +1,216 @@
+"""The Redis connection of one host's cluster sync (only the master has one; with
+master_process = false the one process).
+
+Owns two connections to the server named by [cluster] redis (commands, and one
+SUBSCRIBEd to the cluster's channel), made with txredisapi's protocols on Twisted
+endpoints: nothing blocks the reactor and every command has a reply timeout.
+Reconnecting is ours, not txredisapi's, so that what is logged is bounded: the loss
+once (warn), each failed attempt at debug level and at most one summary line per
+LOG_EVERY seconds, the return once. An authentication (or SELECT) failure is one
+error line and no more attempts: a wrong password does not fix itself.
+Nothing here is reached by proxied requests.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+
+import txredisapi
+
+log = Logger(namespace="twistproxy.cluster")
+
+CONNECT_TIMEOUT = 2.0
+REPLY_TIMEOUT = 2.0
+RETRY_FIRST = 0.25
+RETRY_MAX = 2.0
+LOG_EVERY = 30.0
+
+# compare-and-set of the cluster's state document: KEYS[1] the state key, KEYS[2] the
+# changes channel; ARGV[1] the version the writer read, ARGV[2] the new version,
+# ARGV[3] the document's JSON without its version ('{"state":...}'). Returns the new
+# version, or -(the current one) when another node wrote in between.
+WRITE = """
+local cur = redis.call('GET', KEYS[1])
+local v = 0
+if cur then v = tonumber(cjson.decode(cur)['version']) or 0 end
+if v ~= tonumber(ARGV[1]) then return -v - 1 end
+redis.call('SET', KEYS[1], '{"version":' .. ARGV[2] .. ',' .. string.sub(ARGV[3], 2))
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return tonumber(ARGV[2])
+"""
+
+
+class _Factory(protocol.Factory):
+    """What txredisapi's protocols ask of their factory, for one connection."""
+    noisy = False
+    isLazy = False
+
+    def __init__(self, proto_class, config, link: "Link"):
+        self.proto_class = proto_class
+        self.config = config
+        self.link = link
+
+    def buildProtocol(self, addr):
+        c = self.config
+        p = self.proto_class(charset="utf-8", replyTimeout=REPLY_TIMEOUT,
+                             password=c.password, dbid=c.db, username=c.username)
+        p.factory = self
+        return p
+
+    def stopTrying(self):
+        pass
+
+    def connectionError(self, why):
+        self.link.refused(why)
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    on_message = None
+
+    def messageReceived(self, pattern, channel, message):
+        if self.on_message is not None:
+            self.on_message(channel, message)
+
+
+class Link:
+    """The two connections, kept up. `up(cmd)` is called with the command connection
+    each time both are (re)established; `down()` when either is lost."""
+
+    def __init__(self, config, reactor, channel: str, up, down, on_message):
+        self.config = config
+        self.reactor = reactor
+        self.channel = channel
+        self._up, self._down, self._on_message = up, down, on_message
+        self.cmd = None
+        self.sub = None
+        self.connected = False
+        self.stopped = False
+        self.failed = None            # an authentication failure: no more attempts
+        self._delay = RETRY_FIRST
+        self._retry = None
+        self._lost_at = None
+        self._attempts = 0
+        self._last_log = None
+        self._ever = False
+
+    # -- connecting ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._connect()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        for p in (self.cmd, self.sub):
+            if p is not None and p.transport is not None:
+                p.transport.loseConnection()
+
+    def refused(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+            log.error("cluster: {url}: {why}; the cluster is off for this node until it is "
+                      "restarted with a working [cluster] redis (it serves with its own "
+                      "state)", url=self.config.shown_url, why=why)
+
+    @defer.inlineCallbacks
+    def _connect(self):
+        self._retry = None
+        if self.stopped or self.failed:
+            return
+        self._attempts += 1
+        c = self.config
+        cmd = sub = None
+        try:
+            cmd = yield self._open(txredisapi.RedisProtocol)
+            sub = yield self._open(_Subscriber)
+            sub.on_message = self._on_message
+            yield sub.subscribe(self.channel)
+        except Exception as e:
+            for p in (cmd, sub):
+                if p is not None and p.transport is not None:
+                    p.transport.abortConnection()
+            if self.failed or self.stopped:
+                return
+            self._failed_attempt(e)
+            return
+        if self.stopped:
+            cmd.transport.loseConnection()
+            sub.transport.loseConnection()
+            return
+        self.cmd, self.sub, self.connected = cmd, sub, True
+        for p in (cmd, sub):
+            p.whenDisconnected().addCallback(self._lost)
+        if self._lost_at is not None:
+            log.info("cluster: {url}: connected again after {s:.1f}s ({n} attempt(s))",
+                     url=c.shown_url, s=self.reactor.seconds() - self._lost_at,
+                     n=self._attempts)
+        else:
+            log.info("cluster: {url}: connected (cluster {name}, node {node})",
+                     url=c.shown_url, name=c.name, node=c.node)
+        self._ever = True
+        self._lost_at = None
+        self._attempts = 0
+        self._delay = RETRY_FIRST
+        self._last_log = None
+        try:
+            self._up(cmd)
+        except Exception:
+            log.failure("cluster: applying the cluster's state failed")
+
+    @defer.inlineCallbacks
+    def _open(self, proto_class):
+        c = self.config
+        ep = HostnameEndpoint(self.reactor, c.host, c.port, timeout=CONNECT_TIMEOUT)
+        p = yield ep.connect(_Factory(proto_class, c, self))
+        ready = p.whenConnected()
+        lost = p.whenDisconnected()
+        first = yield defer.DeferredList([ready, lost], fireOnOneCallback=True,
+                                         consumeErrors=True)
+        if first[1] == 1 or not p.connected:
+            raise ConnectionError(self.failed or "the connection was closed during its "
+                                  "authentication")
+        return p
+
+    def _failed_attempt(self, e) -> None:
+        now = self.reactor.seconds()
+        why = getattr(e, "strerror", None) or e.__class__.__name__ + (f": {e}" if str(e)
+                                                                        else "")
+        if self._lost_at is None:
+            self._lost_at = now
+            log.warn("cluster: {url}: {what} ({why}); serving with the state this node "
+                     "has, trying again", url=self.config.shown_url,
+                     what="cannot connect" if not self._ever else "cannot reconnect", why=why)
+            self._last_log = now
+        elif now - self._last_log >= LOG_EVERY:
+            log.warn("cluster: {url}: still unreachable after {s:.0f}s ({n} attempt(s), last: "
+                     "{why})", url=self.config.shown_url, s=now - self._lost_at,
+                     n=self._attempts, why=why)
+            self._last_log = now
+        else:
+            log.debug("cluster: {url}: attempt {n} failed: {why}", url=self.config.shown_url,
+                      n=self._attempts, why=why)
+        self._retry = self.reactor.callLater(self._delay, self._connect)
+        self._delay = min(RETRY_MAX, self._delay * 2)
+
+    def _lost(self, proto) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        for p in (self.cmd, self.sub):
+            if p is not None and p is not proto and p.transport is not None:
+                p.transport.abortConnection()
+        self.cmd = self.sub = None
+        if self.stopped:
+            return
+        self._lost_at = self.reactor.seconds()
+        self._last_log = self._lost_at
+        log.warn("cluster: {url}: connection lost; serving with the state this node has, "
+                 "reconnecting", url=self.config.shown_url)
+        try:
+            self._down()
+        except Exception:
+            log.failure("cluster: going offline failed")
+        self._retry = self.reactor.callLater(RETRY_FIRST, self._connect)
