@@ -160,6 +160,11 @@ class ClusterSync:
     def attach(self, ctx) -> None:
         """The context whose runtime is shared (again after a reload)."""
         ctx.cluster = self
+        self.digest = digest(ctx.config)
+        if ctx.config.cluster != self.cc:
+            log.warn("cluster: [cluster] changed in the configuration: a restart takes it "
+                     "(this node goes on as cluster {name}, node {node})", name=self.cc.name,
+                     node=self.cc.node)
         runtime = self.runtime = ctx.runtime
 
         def changed(changes):
