@@ -202,6 +202,11 @@ def build_service(config: Config, reactor=None, takeover: bool = False) -> Proxy
     Sockets inherited (from the process taken over with --takeover, or from systemd)
     are used instead of binding where their keys match (_inherit)."""
     tls = check_files(config)                 # or ConfigError, before any bind
+    if config.cluster is not None:
+        from .cluster.store import probe
+        why = probe(config.cluster)           # a wrong password: before any bind too
+        if why:
+            raise StartupError(f"{config.path}: {why}")
     inherited, handing = _inherit(config, takeover)
     server = None
     if config.server.master_process:

@@ -18,18 +18,18 @@ from urllib.parse import urlencode
 import pytest
 
 from clients import fetch
-from harness import Lab, Proxy, free_port, wait_until
+from harness import Lab, Proxy, free_port, one_line_failure, run_cli, wait_until
 from redisserver import RedisServer
 
 HOSTS = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
 
 
 def config(address: str, node: str, port: int, admin: int, redis_url: str, members,
-           extra: str = "") -> str:
+           extra: str = "", server: str = "worker_processes = 1") -> str:
     out = [f"""
 [server]
 access_log = "-"
-worker_processes = 1
+{server}
 
 [[listen]]
 address = "{address}"
@@ -64,9 +64,10 @@ class Host:
     """One host: its proxy and a client of its pages."""
 
     def __init__(self, lab: Lab, node: str, port: int, admin: int, redis_url: str,
-                 members, name: str | None = None):
+                 members, name: str | None = None, server: str = "worker_processes = 1"):
         self.node, self.address, self.port, self.admin = node, HOSTS[node], port, admin
-        self.text = config(self.address, node, port, admin, redis_url, members)
+        self.text = config(self.address, node, port, admin, redis_url, members,
+                           server=server)
         self.lab = lab
         self.proxy = lab.add(Proxy(self.text, lab.tmp, name=name or f"{node}.toml"))
 
@@ -188,3 +189,66 @@ def _free(host: str, port: int) -> bool:
         return False
     finally:
         s.close()
+
+
+def test_one_process_hosts_changes_made_on_both_while_redis_was_away(lab):
+    """master_process = false (the one process talks to Redis), a password in the URL;
+    A and B both change something while Redis is down: the first back writes its
+    change, the other's is replaced by it (and logged), and both converge."""
+    redis = lab.add(RedisServer(free_port(), password="s3cret"))
+    a, b = lab.echos("a", "b")
+    members = [("a", a.url), ("b", b.url)]
+    port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    one = "master_process = false"
+    A, B = (Host(lab, n, port, admin, redis.url, members, server=one) for n in "ab")
+    for h in (A, B):
+        wait_until(lambda: h.auto().get("ClusterNodes") == "2", 10, f"{h.node} sees 2")
+    A.change("a", w_status_N="1")
+    wait_until(lambda: "N" in B.member("a")["flags"], 5, "b has a drained")
+    redis.kill()
+    for h in (A, B):
+        wait_until(lambda: h.auto()["ClusterConnected"] == "0", 5, f"{h.node} offline")
+    A.change("a", w_lf="3")
+    B.change("b", w_lf="7")
+    redis.start()
+
+    def same():
+        sa, sb = A.state(), B.state()
+        lf = [{m["route"]: m["loadfactor"] for m in s["balancers"][0]["members"]}
+              for s in (sa, sb)]
+        return lf[0] == lf[1] and sa["cluster"]["version"] == sb["cluster"]["version"] \
+            and sa["cluster"]["pending"] == sb["cluster"]["pending"] == 0 and lf[0]
+    lf = wait_until(same, 10, "a and b converged")
+    assert lf in ({"a": 3, "b": 1}, {"a": 1, "b": 7}), lf
+    loser = B if lf["a"] == 3 else A
+    winner = A if loser is B else B
+    loser.proxy.wait_for_log("is replaced by the cluster's version")
+    assert "is replaced by the cluster's version" not in winner.proxy.log()
+    assert "N" in A.member("a")["flags"] and "N" in B.member("a")["flags"]
+    assert A.spread() == B.spread() == Counter({"b": 12})
+
+
+def test_a_wrong_password_is_a_start_up_error(lab, tmp_path):
+    redis = lab.add(RedisServer(free_port(), password="right"))
+    path = tmp_path / "bad.toml"
+    path.write_text(config("127.0.0.2", "a", free_port("127.0.0.2"), free_port("127.0.0.2"),
+                           redis.url.replace("right", "pw-x7q"), [("a", "http://127.0.0.1:1")]))
+    result = run_cli("run", str(path))
+    assert result.returncode != 0
+    line = one_line_failure(result, "cluster.redis: redis://127.0.0.1:", "authentication "
+                            "failed")
+    assert "pw-x7q" not in line
+
+
+def test_unreachable_redis_at_start_is_not_an_error(lab):
+    """A node starts (and serves) with Redis down, and joins once it is there."""
+    redis_port = free_port()
+    a = lab.echo("a")
+    port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    A = Host(lab, "a", port, admin, f"redis://127.0.0.1:{redis_port}/0", [("a", a.url)])
+    assert A.spread(3) == Counter({"a": 3})
+    assert A.auto()["ClusterConnected"] == "0"
+    A.proxy.wait_for_log("not reachable at start-up")
+    lab.add(RedisServer(redis_port))
+    wait_until(lambda: A.auto()["ClusterConnected"] == "1", 10, "a connected")
+    wait_until(lambda: A.auto().get("ClusterNodes") == "1", 5, "a's heartbeat")

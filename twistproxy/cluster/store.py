@@ -214,3 +214,49 @@ class Link:
         except Exception:
             log.failure("cluster: going offline failed")
         self._retry = self.reactor.callLater(RETRY_FIRST, self._connect)
+
+
+def probe(config, timeout: float = 2.0) -> str | None:
+    """At start-up, before the reactor runs (so nothing waits on it): one connection to
+    check the credentials and the database. A refused password or database is the
+    start-up error returned (one line); an unreachable server is not an error (the node
+    starts with its own state and keeps trying), and says so."""
+    import socket
+
+    def command(*args: str) -> bytes:
+        out = b"*%d\r\n" % len(args)
+        for a in args:
+            b = a.encode()
+            out += b"$%d\r\n%s\r\n" % (len(b), b)
+        return out
+
+    def reply(f) -> bytes:
+        line = f.readline()
+        if not line:
+            raise OSError("the server closed the connection")
+        return line.rstrip(b"\r\n")
+
+    url = config.shown_url
+    try:
+        with socket.create_connection((config.host, config.port), timeout) as s:
+            s.settimeout(timeout)
+            f = s.makefile("rb")
+            asks = []
+            if config.password is not None:
+                asks.append(("AUTH", ("AUTH", config.username, config.password)
+                             if config.username else ("AUTH", config.password)))
+            asks.append(("SELECT", ("SELECT", str(config.db))))
+            asks.append(("PING", ("PING",)))
+            for what, args in asks:
+                s.sendall(command(*args))
+                r = reply(f)
+                if r.startswith(b"-"):
+                    text = r[1:].decode("utf-8", "replace")
+                    if what == "AUTH" or text.startswith(("NOAUTH", "WRONGPASS")):
+                        return f"cluster.redis: {url}: authentication failed ({text})"
+                    return f"cluster.redis: {url}: {what} refused ({text})"
+    except OSError as e:
+        log.warn("cluster: {url}: not reachable at start-up ({why}); starting with this "
+                 "node's own state, connecting in the background", url=url,
+                 why=e.strerror or e)
+    return None
