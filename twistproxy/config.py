@@ -557,9 +557,6 @@ class _Loader:
             if not password:
                 raise self.fail(f"{w}.password_file", raw["password_file"], "is empty")
         share = self.boolean(f"{w}.share_health", raw.get("share_health", False))
-        if share:
-            raise self.fail(f"{w}.share_health", share, "is not implemented yet: each "
-                            "node checks its members itself (leave it out or false)")
         return ClusterConfig(real, name, node, parts.hostname, port or 6379,
                              int(db_text or 0), username, password, pfile, share)
 

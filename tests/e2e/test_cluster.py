@@ -25,7 +25,8 @@ HOSTS = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
 
 
 def config(address: str, node: str, port: int, admin: int, redis_url: str, members,
-           extra: str = "", server: str = "worker_processes = 1") -> str:
+           extra: str = "", server: str = "worker_processes = 1",
+           member_extra: str = "") -> str:
     out = [f"""
 [server]
 access_log = "-"
@@ -56,7 +57,8 @@ server_name = "proxy.test"
 stickysession = "ROUTEID"
 """]
     for name, url in members:
-        out.append(f'  [[balancer.farm.member]]\n  url = "{url}"\n  route = "{name}"\n')
+        out.append(f'  [[balancer.farm.member]]\n  url = "{url}"\n  route = "{name}"\n'
+                   f'{member_extra}')
     return "".join(out)
 
 
@@ -64,10 +66,11 @@ class Host:
     """One host: its proxy and a client of its pages."""
 
     def __init__(self, lab: Lab, node: str, port: int, admin: int, redis_url: str,
-                 members, name: str | None = None, server: str = "worker_processes = 1"):
+                 members, name: str | None = None, server: str = "worker_processes = 1",
+                 **kw):
         self.node, self.address, self.port, self.admin = node, HOSTS[node], port, admin
         self.text = config(self.address, node, port, admin, redis_url, members,
-                           server=server)
+                           server=server, **kw)
         self.lab = lab
         self.proxy = lab.add(Proxy(self.text, lab.tmp, name=name or f"{node}.toml"))
 
@@ -252,3 +255,43 @@ def test_unreachable_redis_at_start_is_not_an_error(lab):
     lab.add(RedisServer(redis_port))
     wait_until(lambda: A.auto()["ClusterConnected"] == "1", 10, "a connected")
     wait_until(lambda: A.auto().get("ClusterNodes") == "1", 5, "a's heartbeat")
+
+
+def test_share_health_one_checker_per_balancer(lab):
+    """share_health: one node checks balancer://farm (the lease holder), the others
+    take its results; the holder killed, another takes the lease over."""
+    redis = lab.add(RedisServer(free_port()))
+    a, b = lab.echos("a", "b")
+    members = [("a", a.url), ("b", b.url)]
+    port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    hosts = {n: Host(lab, n, port, admin, redis.url, members, extra="share_health = true",
+                     member_extra='  hcmethod = "TCP"\n  hcinterval = 0.2\n')
+             for n in HOSTS}
+
+    def checkers():
+        return {h.node: h.auto().get("ClusterHealthChecker") for h in hosts.values()}
+    seen = wait_until(lambda: (lambda c: len(set(c.values())) == 1 and None not in
+                               c.values() and c)(checkers()), 10, "one checker for all")
+    holder = next(iter(seen.values())).split()[1]
+    others = [h for n, h in hosts.items() if n != holder]
+    # only the holder's checks run
+    counts = {h.node: h.member("b")["hc_passed"] for h in others}
+    time.sleep(0.6)
+    assert {h.node: h.member("b")["hc_passed"] for h in others} == counts
+    assert hosts[holder].member("b")["hc_passed"] > 0
+    # b down: the holder sees it, every node takes it out
+    b.kill()
+    for h in hosts.values():
+        wait_until(lambda: "C" in h.member("b")["flags"], 5, f"{h.node} has b down")
+    for h in others:
+        assert h.spread(6) == Counter({"a": 6})
+    # the holder dies: its lease expires, another node checks (and sees b back)
+    hosts[holder].proxy.proc.kill()
+    hosts[holder].proxy.proc.wait()
+    wait_until(lambda: all(h.auto().get("ClusterHealthChecker", "").split()[1:] !=
+                           [holder] for h in others) and
+               len({h.auto().get("ClusterHealthChecker") for h in others}) == 1, 12,
+               "another checker")
+    lab.add(type(b)("b", b.port))
+    for h in others:
+        wait_until(lambda: "C" not in h.member("b")["flags"], 5, f"{h.node} has b back")

@@ -20,7 +20,11 @@ def cluster_html(sync) -> list:
                       + (f", {s['pending']} change(s) not yet shared" if s["pending"] else "")
                       + (f", {s['dropped']} offline change(s) replaced by the cluster's"
                          if s["dropped"] else "")),
-        "\n", tags.dt("Last change: " + origin_text(s["last_change"])))
+        "\n", tags.dt("Last change: " + origin_text(s["last_change"])),
+        "\n", tags.dt("Health checks: " + (", ".join(
+            f"balancer://{b} by {h}" for b, h in s["health_checkers"].items())
+            or "no checker yet") + " (share_health)" if s["share_health"] else
+            "Health checks: each node its own"))
     head = tags.tr(*(tags.th(t) for t in ("Node", "Config digest", "Version", "Pid",
                                          "Seen (s ago)")))
     rows = [head]
@@ -51,6 +55,9 @@ def cluster_auto(sync) -> list[str]:
              f"ClusterNodesOtherConfig: {sum(1 for n in s['nodes'] if not n['same_config'])}",
              f"ClusterVersion: {s['version']}", f"ClusterDigest: {s['digest']}",
              f"ClusterPending: {s['pending']}"]
+    lines.append(f"ClusterShareHealth: {1 if s['share_health'] else 0}")
+    for b, h in s["health_checkers"].items():
+        lines.append(f"ClusterHealthChecker: {b} {h}")
     o = s["last_change"]
     if o:
         lines.append(f"ClusterLastChange: {o.get('version')} {o.get('node', '?')} "

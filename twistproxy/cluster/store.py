@@ -42,6 +42,25 @@ return tonumber(ARGV[2])
 """
 
 
+# share_health's lease of one balancer's health checks: KEYS[1] the lease, ARGV[1]
+# this node, ARGV[2] its TTL. Taken when free, renewed when held; returns the holder.
+LEASE = """
+local h = redis.call('GET', KEYS[1])
+if not h then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+  return ARGV[1]
+end
+if h == ARGV[1] then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2])) end
+return h
+"""
+
+# given up (a clean stop): deleted only if still this node's
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class _Factory(protocol.Factory):
     """What txredisapi's protocols ask of their factory, for one connection."""
     noisy = False

@@ -14,7 +14,11 @@ Owns what is written, when, and how a node's runtime is brought to the cluster's
   workers and which is never written back (no echo);
 - the reconciliation rule (`plan`), for a node that comes back to Redis.
 Health (E, C flags) stays each node's own: the document holds only what the manager
-changes. Nothing here is reached by proxied requests; Redis's absence only stops
+changes. With share_health, one node per balancer holds `{name}:lease:{balancer}`
+(SET with a TTL, renewed every heartbeat, free again when its holder dies or stops)
+and is the only one whose health checks of it run; it writes the members it found
+down to `{name}:health:{balancer}` and publishes `health:{balancer}`; the others
+apply that (source "cluster"). Without Redis every node checks for itself again. Nothing here is reached by proxied requests; Redis's absence only stops
 sharing.
 """
 
@@ -38,6 +42,7 @@ log = Logger(namespace="twistproxy.cluster")
 LOCAL = ("manager", "api", "state-file")   # admin sources this node writes to the cluster
 HEARTBEAT = 1.0
 HEARTBEAT_TTL = 5
+LEASE_TTL = 5
 
 
 def digest(config) -> str:
@@ -150,6 +155,10 @@ class ClusterSync:
         self._busy = False
         self._again = False
         self._problems_logged: set = set()
+        self.ctx = None
+        self.holders: dict[str, str] = {}     # share_health: balancer -> its checker
+        self._checking: dict[str, bool] = {}  # balancer -> our checks running
+        self._health_seen: dict[str, str] = {}
         self.link = Link(self.cc, reactor, self.channel, self._up, self._down,
                          self._message)
         self._beat = task.LoopingCall(self._tick)
@@ -160,6 +169,9 @@ class ClusterSync:
     def attach(self, ctx) -> None:
         """The context whose runtime is shared (again after a reload)."""
         ctx.cluster = self
+        self.ctx = ctx
+        self._checking = {}               # the plane starts every check: ours again
+        self.holders = {}
         self.digest = digest(ctx.config)
         if ctx.config.cluster != self.cc:
             log.warn("cluster: [cluster] changed in the configuration: a restart takes it "
@@ -182,7 +194,12 @@ class ClusterSync:
         cmd = self.link.cmd
         d = defer.succeed(None)
         if cmd is not None and self.link.connected:
-            d = defer.maybeDeferred(cmd.delete, f"{self.prefix}:node:{self.cc.node}")
+            from .store import RELEASE
+            calls = [defer.maybeDeferred(cmd.delete, f"{self.prefix}:node:{self.cc.node}")]
+            calls += [defer.maybeDeferred(cmd.eval, RELEASE, keys=[self._lease_key(b)],
+                                          args=[self.cc.node])
+                      for b, h in self.holders.items() if h == self.cc.node]
+            d = defer.DeferredList(calls, consumeErrors=True)
             d.addTimeout(1.0, self.reactor)
             d.addErrback(lambda _: None)
         return d.addBoth(lambda _: self.link.stop())
@@ -194,6 +211,10 @@ class ClusterSync:
         for c in changes:
             if c.source in LOCAL:
                 by.setdefault((c.source, c.who), []).append(c)
+        if self.cc.share_health and self.link.connected:
+            for b in {c.balancer for c in changes if c.source == "health"}:
+                if self.holders.get(b) == self.cc.node:
+                    self._write_health(b).addErrback(self._redis_failed, "health")
         for (source, who), cs in by.items():
             self.pending.append(Pending(control.edits_of(cs), source, who,
                                         offline=not self.link.connected))
@@ -205,9 +226,19 @@ class ClusterSync:
         self._tick()
 
     def _down(self) -> None:
-        pass
+        if self.cc.share_health:
+            self.holders = {}
+            for b in self._checked_balancers():   # no Redis: every node checks again
+                self._run_checks(b, True)
 
     def _message(self, channel, message) -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        if isinstance(message, str) and message.startswith("health:"):
+            b = message[7:]
+            if self.cc.share_health and self.holders.get(b) not in (None, self.cc.node):
+                self._read_health(b).addErrback(self._redis_failed, "health")
+            return
         try:
             version = int(message)
         except (TypeError, ValueError):
@@ -219,6 +250,8 @@ class ClusterSync:
         if self.link.connected:
             self._heartbeat().addErrback(self._redis_failed, "heartbeat")
             self.kick()
+            if self.cc.share_health:
+                self._leases().addErrback(self._redis_failed, "lease")
 
     # -- the heartbeat and the nodes -----------------------------------------------------
 
@@ -241,6 +274,74 @@ class ClusterSync:
                     continue
         self.nodes = nodes
 
+    # -- share_health: one checker per balancer ------------------------------------------
+
+    def _lease_key(self, b: str) -> str:
+        return f"{self.prefix}:lease:{b}"
+
+    def _checked_balancers(self) -> list[str]:
+        if self.ctx is None:
+            return []
+        return sorted({c.balancer_name for c in self.ctx.health_checks})
+
+    def _run_checks(self, b: str, on: bool) -> None:
+        if self._checking.get(b, True) == on:
+            return
+        self._checking[b] = on
+        for c in self.ctx.health_checks:
+            if c.balancer_name == b:
+                c.start() if on else c.stop()
+
+    @defer.inlineCallbacks
+    def _leases(self):
+        from .store import LEASE
+        cmd = self.link.cmd
+        for b in self._checked_balancers():
+            holder = yield cmd.eval(LEASE, keys=[self._lease_key(b)],
+                                    args=[self.cc.node, LEASE_TTL])
+            if isinstance(holder, bytes):
+                holder = holder.decode()
+            before = self.holders.get(b)
+            self.holders[b] = holder
+            mine = holder == self.cc.node
+            if holder != before:
+                log.info("cluster: balancer://{b}: health checks by {who}", b=b,
+                         who="this node" if mine else f"node {holder}")
+            self._run_checks(b, mine)
+            if mine:
+                yield self._write_health(b, publish=holder != before)
+            else:
+                yield self._read_health(b)
+
+    @defer.inlineCallbacks
+    def _write_health(self, b: str, publish: bool = True):
+        balancer = self.ctx.runtime.balancers.get(b)
+        if balancer is None or not self.link.connected:
+            return
+        down = sorted(m.name for m in balancer.members if "C" in m.flags)
+        doc = json.dumps({"node": self.cc.node, "down": down})
+        cmd = self.link.cmd
+        yield cmd.set(f"{self.prefix}:health:{b}", doc, expire=LEASE_TTL * 2)
+        if publish or self._health_seen.get(b) != doc:
+            self._health_seen[b] = doc
+            yield cmd.publish(self.channel, f"health:{b}")
+
+    @defer.inlineCallbacks
+    def _read_health(self, b: str):
+        raw = yield self.link.cmd.get(f"{self.prefix}:health:{b}")
+        balancer = self.ctx.runtime.balancers.get(b) if self.ctx is not None else None
+        if not raw or balancer is None or self.holders.get(b) == self.cc.node:
+            return
+        doc = json.loads(raw)
+        down = set(doc.get("down") or [])
+        rows = [[b, m.name, "status.C", m.name in down] for m in balancer.members
+                if ("C" in m.flags) != (m.name in down)]
+        if rows:
+            changes = self.ctx.runtime.apply(control.edits_from_rows(rows), "cluster",
+                                             doc.get("node", ""), now=self.reactor.seconds())
+            log.info("cluster: balancer://{b}: health from node {node}: {what}", b=b,
+                     node=doc.get("node", "?"), what=changes_text(changes)())
+
     def summary(self) -> dict:
         """For the pages: this node, the nodes seen, the last change's origin."""
         now = self.reactor.seconds()
@@ -255,7 +356,9 @@ class ClusterSync:
                 "connected": self.link.connected, "error": self.link.failed,
                 "version": self.applied, "digest": self.digest,
                 "pending": len(self.pending), "dropped": self.dropped,
-                "nodes": nodes, "last_change": self.origin}
+                "nodes": nodes, "last_change": self.origin,
+                "share_health": self.cc.share_health,
+                "health_checkers": dict(sorted(self.holders.items()))}
 
     # -- reading and writing the document ----------------------------------------------
 

@@ -61,6 +61,7 @@ def test_defaults():
     import socket
     c = cluster('redis = "redis://127.0.0.1"\nname = "edge"')
     assert (c.port, c.db, c.password, c.share_health) == (6379, 0, None, False)
+    assert cluster('redis = "redis://h"\nname = "e"\nshare_health = true').share_health
     assert c.node == socket.gethostname()
 
 
@@ -88,8 +89,8 @@ def test_password_file(tmp_path):
                                          "support yet"),
     ('redis = "redis://h"\nname = "a b"', "cluster.name: 'a b' must be 1 to 64 letters"),
     ('redis = "redis://h"\nname = "e"\nnode = ""', "cluster.node: '' must be 1 to 64"),
-    ('redis = "redis://h"\nname = "e"\nshare_health = true',
-     "cluster.share_health: true is not implemented yet"),
+    ('redis = "redis://h"\nname = "e"\nshare_health = 1',
+     "cluster.share_health: 1 must be true or false"),
     ('redis = "redis://h"\nname = "e"\nnodes = 3', "cluster.nodes: unknown key"),
     ('redis = 6379\nname = "e"', "cluster.redis: 6379 must be a string"),
 ])
