@@ -57,6 +57,12 @@ def test_a_full_table():
     assert "s@cret" not in repr(c) and "cret" not in c.shown_url
 
 
+def test_rediss():
+    c = cluster('redis = "rediss://:pw@redis.example:6390/1"\nname = "e"\nverify = false')
+    assert (c.tls, c.verify, c.port, c.shown_url) == (True, False, 6390,
+                                                     "rediss://redis.example:6390/1")
+
+
 def test_defaults():
     import socket
     c = cluster('redis = "redis://127.0.0.1"\nname = "edge"')
@@ -79,14 +85,16 @@ def test_password_file(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     ('name = "e"', "<config>: cluster.redis: missing (required)"),
     ('redis = "redis://h"', "<config>: cluster.name: missing (required)"),
-    ('redis = "http://h"\nname = "e"', "cluster.redis: 'http://h' must be a redis:// URL"),
+    ('redis = "http://h"\nname = "e"', "cluster.redis: 'http://h' must be a redis:// or rediss://"),
     ('redis = "redis://"\nname = "e"', "cluster.redis: 'redis://' names no host"),
     ('redis = "redis://h:99999"\nname = "e"', "cluster.redis: 'redis://h:99999' is not a "
                                                "Redis URL"),
     ('redis = "redis://h/x"\nname = "e"', "has database 'x': it must be a number"),
     ('redis = "redis://h?db=1"\nname = "e"', "has a query or fragment"),
-    ('redis = "rediss://h"\nname = "e"', "uses TLS (rediss://), which this build does not "
-                                         "support yet"),
+    ('redis = "redis://h"\nname = "e"\nverify = false', "cluster.verify: false is for a "
+                                                      "rediss:// (TLS) URL"),
+    ('redis = "rediss://h"\nname = "e"\nca_file = "/nonexistent.pem"',
+     "cluster.ca_file: '/nonexistent.pem' cannot be read"),
     ('redis = "redis://h"\nname = "a b"', "cluster.name: 'a b' must be 1 to 64 letters"),
     ('redis = "redis://h"\nname = "e"\nnode = ""', "cluster.node: '' must be 1 to 64"),
     ('redis = "redis://h"\nname = "e"\nshare_health = 1',

@@ -261,11 +261,15 @@ class ClusterConfig:
     password: str | None = field(default=None, repr=False)
     password_file: str = ""
     share_health: bool = False
+    tls: bool = False                       # rediss://
+    ca_file: str = ""                       # rediss://: the CAs to trust (default: the system's)
+    verify: bool = True                     # rediss://: check the certificate and host name
 
     @property
     def shown_url(self) -> str:
         """The URL without its password (for logs and pages)."""
-        return f"redis://{self.host}:{self.port}/{self.db}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.db}"
 
 
 @dataclass(frozen=True)
@@ -503,8 +507,8 @@ class _Loader:
         import socket
         from urllib.parse import unquote, urlsplit
         w = "cluster"
-        raw = self.table(w, raw, ("redis", "name", "node", "password_file", "share_health"),
-                         required=("redis", "name"))
+        raw = self.table(w, raw, ("redis", "name", "node", "password_file", "share_health",
+                                  "ca_file", "verify"), required=("redis", "name"))
         real = self.string(f"{w}.redis", raw["redis"]).strip()
         url = re.sub(r"//[^@/]*@", "//***@", real)      # errors never show a password
         try:
@@ -516,13 +520,16 @@ class _Loader:
             port = parts.port
         except ValueError as e:
             raise self.fail(f"{w}.redis", url, f"is not a Redis URL ({e})") from None
-        if parts.scheme == "rediss":
-            raise self.fail(f"{w}.redis", url, "uses TLS (rediss://), which this build does "
-                            "not support yet: use redis:// on a trusted network or a "
-                            "TLS tunnel (stunnel, spiped)")
-        if parts.scheme != "redis":
-            raise self.fail(f"{w}.redis", url, "must be a redis:// URL "
+        if parts.scheme not in ("redis", "rediss"):
+            raise self.fail(f"{w}.redis", url, "must be a redis:// or rediss:// (TLS) URL "
                             "(redis://host[:port][/db])")
+        tls = parts.scheme == "rediss"
+        for key in ("ca_file", "verify"):
+            if key in raw and not tls:
+                raise self.fail(f"{w}.{key}", raw[key], "is for a rediss:// (TLS) URL; "
+                                "cluster.redis is redis://")
+        ca_file = self.file(f"{w}.ca_file", raw["ca_file"]) if "ca_file" in raw else ""
+        verify = self.boolean(f"{w}.verify", raw.get("verify", True))
         if not parts.hostname:
             raise self.fail(f"{w}.redis", url, "names no host (redis://host[:port][/db])")
         if parts.query or parts.fragment:
@@ -557,8 +564,12 @@ class _Loader:
             if not password:
                 raise self.fail(f"{w}.password_file", raw["password_file"], "is empty")
         share = self.boolean(f"{w}.share_health", raw.get("share_health", False))
+        if ca_file:
+            from .tls import check_ca_file
+            check_ca_file(ca_file, f"{w}.ca_file", self.path)
         return ClusterConfig(real, name, node, parts.hostname, port or 6379,
-                             int(db_text or 0), username, password, pfile, share)
+                             int(db_text or 0), username, password, pfile, share, tls,
+                             ca_file, verify)
 
     def admin(self, raw: Any, listeners) -> AdminConfig:
         w = "admin"

@@ -13,20 +13,25 @@ REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 class RedisServer:
-    def __init__(self, port: int, password: str | None = None):
+    def __init__(self, port: int, password: str | None = None, tls: tuple | None = None):
         self.port = port
         self.password = password
+        self.tls = tls                   # (cert file, key file): TLS only, on `port`
         self.proc = None
         self.start()
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         args = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no"]
+        if self.tls:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file",
+                         str(self.tls[0]), "--tls-key-file", str(self.tls[1]),
+                         "--tls-auth-clients", "no"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,

@@ -295,3 +295,34 @@ def test_share_health_one_checker_per_balancer(lab):
     lab.add(type(b)("b", b.port))
     for h in others:
         wait_until(lambda: "C" not in h.member("b")["flags"], 5, f"{h.node} has b back")
+
+
+def test_rediss_with_the_projects_client_tls(lab, tmp_path):
+    """rediss:// with cluster.ca_file: connected and sharing; a CA that did not issue
+    the server's certificate is a one-line start-up error."""
+    import trustme
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "redis.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "redis.key"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "redis.crt"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    redis = lab.add(RedisServer(free_port(), password="pw",
+                                tls=(tmp_path / "redis.crt", tmp_path / "redis.key")))
+    a = lab.echo("a")
+    port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    A, B = (Host(lab, n, port, admin, redis.url, [("a", a.url)],
+                 extra=f'ca_file = "{tmp_path / "ca.pem"}"') for n in "ab")
+    for h in (A, B):
+        wait_until(lambda: h.auto().get("ClusterNodes") == "2", 10, f"{h.node} sees 2")
+    A.change("a", w_status_N="1")
+    wait_until(lambda: "N" in B.member("a")["flags"], 5, "b has a drained")
+    assert B.state()["cluster"]["redis"].startswith("rediss://127.0.0.1:")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config("127.0.0.4", "c", port, admin, redis.url, [("a", a.url)],
+                          extra=f'ca_file = "{tmp_path / "other-ca.pem"}"'))
+    result = run_cli("run", str(bad))
+    assert result.returncode != 0
+    one_line_failure(result, "cluster.redis: rediss://127.0.0.1:", "TLS certificate is "
+                     "not trusted")

@@ -14,7 +14,7 @@ Nothing here is reached by proxied requests.
 from __future__ import annotations
 
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 import txredisapi
@@ -113,6 +113,10 @@ class Link:
         self._attempts = 0
         self._last_log = None
         self._ever = False
+        self._tls = None
+        if config.tls:                   # rediss://: the project's client TLS rules
+            from ..tls import redis_options
+            self._tls = redis_options(config)
 
     # -- connecting ------------------------------------------------------------------
 
@@ -183,6 +187,8 @@ class Link:
     def _open(self, proto_class):
         c = self.config
         ep = HostnameEndpoint(self.reactor, c.host, c.port, timeout=CONNECT_TIMEOUT)
+        if self._tls is not None:
+            ep = wrapClientTLS(self._tls, ep)
         p = yield ep.connect(_Factory(proto_class, c, self))
         ready = p.whenConnected()
         lost = p.whenDisconnected()
@@ -255,9 +261,23 @@ def probe(config, timeout: float = 2.0) -> str | None:
             raise OSError("the server closed the connection")
         return line.rstrip(b"\r\n")
 
+    import ssl
     url = config.shown_url
     try:
-        with socket.create_connection((config.host, config.port), timeout) as s:
+        with socket.create_connection((config.host, config.port), timeout) as raw:
+            s = raw
+            if config.tls:
+                ctx = ssl.create_default_context(cafile=config.ca_file or None)
+                if not config.verify:
+                    ctx.check_hostname = False
+                    ctx.verify_mode = ssl.CERT_NONE
+                try:
+                    s = ctx.wrap_socket(raw, server_hostname=config.host)
+                except ssl.SSLCertVerificationError as e:
+                    return f"cluster.redis: {url}: its TLS certificate is not trusted " \
+                           f"({e.verify_message}; cluster.ca_file names the CAs to trust)"
+                except ssl.SSLError as e:
+                    return f"cluster.redis: {url}: TLS failed ({e.reason or e})"
             s.settimeout(timeout)
             f = s.makefile("rb")
             asks = []
