@@ -132,6 +132,8 @@ def test_three_hosts_share_the_manager_state(lab):
     assert {n["node"]: n["same_config"] for n in A.state()["cluster"]["nodes"]} == \
         {"a": True, "b": True, "c": True}
     assert b"Cluster" in A.get().body and b"DIFFERS" not in A.get().body
+    status = fetch(admin, "/server-status", host=f"{B.address}:{admin}", address=B.address)
+    assert status.status == 200 and b"<h2>Cluster</h2>" in status.body, status
 
     # -- a drain on A's manager reaches B's and C's workers
     A.change("b", w_status_N="1")
@@ -312,10 +314,16 @@ def test_rediss_with_the_projects_client_tls(lab, tmp_path):
                                 tls=(tmp_path / "redis.crt", tmp_path / "redis.key")))
     a = lab.echo("a")
     port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    # B's configuration differs (a loadfactor): flagged on the pages, still sharing
     A, B = (Host(lab, n, port, admin, redis.url, [("a", a.url)],
-                 extra=f'ca_file = "{tmp_path / "ca.pem"}"') for n in "ab")
+                 extra=f'ca_file = "{tmp_path / "ca.pem"}"',
+                 member_extra="  loadfactor = 2\n" if n == "b" else "") for n in "ab")
     for h in (A, B):
         wait_until(lambda: h.auto().get("ClusterNodes") == "2", 10, f"{h.node} sees 2")
+    assert A.auto()["ClusterNodesOtherConfig"] == "1"
+    assert {n["node"]: n["same_config"] for n in A.state()["cluster"]["nodes"]} == \
+        {"a": True, "b": False}
+    assert b"(DIFFERS from this node's)" in A.get().body
     A.change("a", w_status_N="1")
     wait_until(lambda: "N" in B.member("a")["flags"], 5, "b has a drained")
     assert B.state()["cluster"]["redis"].startswith("rediss://127.0.0.1:")

@@ -290,7 +290,11 @@ class ClusterSync:
         self._checking[b] = on
         for c in self.ctx.health_checks:
             if c.balancer_name == b:
-                c.start() if on else c.stop()
+                if on:
+                    c.start()
+                else:
+                    c.in_flight = False   # a probe cut short here is no failure
+                    c.stop()
 
     @defer.inlineCallbacks
     def _leases(self):
@@ -422,8 +426,11 @@ class ClusterSync:
         from .store import WRITE
         taken = list(self.pending)
         last = taken[-1] if taken else None
-        origin = {"node": self.cc.node, "source": last.source if last else "seed",
-                  "who": last.who if last else "", "at": self.reactor.seconds()}
+        if last is None and self.origin:  # writing back what Redis lost: as it was
+            origin = {k: v for k, v in self.origin.items() if k != "version"}
+        else:
+            origin = {"node": self.cc.node, "source": last.source if last else "seed",
+                      "who": last.who if last else "", "at": self.reactor.seconds()}
         body = json.dumps({"state": persist.state_of(self.runtime), "origin": origin},
                           separators=(",", ":"), sort_keys=True)
         result = yield cmd.eval(WRITE, keys=[self.key, self.channel],
