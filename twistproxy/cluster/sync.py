@@ -6,7 +6,8 @@ Owns what is written, when, and how a node's runtime is brought to the cluster's
   "origin": {"node", "source", "who", "at"}}; written by compare-and-set on its
   version (store.WRITE, a Lua script), which also PUBLISHes N on `{name}:changes`;
 - `{name}:node:{node}`: this node's heartbeat (config digest, version applied, pid,
-  time), SET with EX HEARTBEAT_TTL every HEARTBEAT seconds;
+  time), SET with EX HEARTBEAT_TTL every HEARTBEAT seconds, and its name in the set
+  `{name}:nodes` (taken out once its heartbeat has expired);
 - a local admin change (source manager, api, state-file) is kept as pending and
   written; a message on the channel, a reconnect, and every heartbeat read the
   document, and a newer version is applied as one batch of edits with source
@@ -195,7 +196,8 @@ class ClusterSync:
         d = defer.succeed(None)
         if cmd is not None and self.link.connected:
             from .store import RELEASE
-            calls = [defer.maybeDeferred(cmd.delete, f"{self.prefix}:node:{self.cc.node}")]
+            calls = [defer.maybeDeferred(cmd.delete, f"{self.prefix}:node:{self.cc.node}"),
+                     defer.maybeDeferred(cmd.srem, f"{self.prefix}:nodes", self.cc.node)]
             calls += [defer.maybeDeferred(cmd.eval, RELEASE, keys=[self._lease_key(b)],
                                           args=[self.cc.node])
                       for b, h in self.holders.items() if h == self.cc.node]
@@ -262,16 +264,25 @@ class ClusterSync:
                 "pid": os.getpid(), "at": self.reactor.seconds()}
         yield cmd.set(f"{self.prefix}:node:{self.cc.node}", json.dumps(beat),
                       expire=HEARTBEAT_TTL)
-        keys = yield cmd.keys(f"{self.prefix}:node:*")
-        nodes = {}
-        if keys:
-            values = yield cmd.mget(sorted(keys))
-            for v in values:
-                try:
-                    b = json.loads(v)
-                    nodes[b["node"]] = b
-                except (TypeError, ValueError, KeyError):
-                    continue
+        # the names in a set (no KEYS on a shared server); a name whose heartbeat
+        # expired is taken out of it
+        yield cmd.sadd(f"{self.prefix}:nodes", self.cc.node)
+        names = sorted(n.decode() if isinstance(n, bytes) else n
+                       for n in (yield cmd.smembers(f"{self.prefix}:nodes")))
+        nodes, gone = {}, []
+        values = (yield cmd.mget([f"{self.prefix}:node:{n}" for n in names])) if names \
+            else []
+        for name, v in zip(names, values):
+            if v is None:
+                gone.append(name)
+                continue
+            try:
+                b = json.loads(v)
+                nodes[b["node"]] = b
+            except (TypeError, ValueError, KeyError):
+                continue
+        if gone:
+            yield cmd.srem(f"{self.prefix}:nodes", gone)
         self.nodes = nodes
 
     # -- share_health: one checker per balancer ------------------------------------------
