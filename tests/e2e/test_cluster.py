@@ -148,7 +148,9 @@ def test_three_hosts_share_the_manager_state(lab):
     assert B.auto()["ClusterLastChange"].split()[1:] == ["a", "manager"]
     print(f"drain on a seen by b and c within {took:.2f}s")
 
-    # -- Redis gone: every host serves, no request fails
+    # -- Redis gone: every host serves, no request fails (traffic on all three hosts
+    # from before the kill until after the restart)
+    traffic = Traffic(hosts.values())
     redis.kill()
     for h in hosts.values():
         wait_until(lambda: h.auto()["ClusterConnected"] == "0", 5, f"{h.node} offline")
@@ -165,6 +167,9 @@ def test_three_hosts_share_the_manager_state(lab):
     for h in hosts.values():
         wait_until(lambda: h.member("a")["loadfactor"] == 5 and
                    "N" in h.member("b")["flags"], 10, f"{h.node} converged")
+    traffic.stop()
+    assert traffic.failed == [] and len(traffic.served) > 30, (traffic.failed,
+                                                               len(traffic.served))
     versions = {h.auto()["ClusterVersion"] for h in hosts.values()}
     assert len(versions) == 1, versions
     assert A.auto()["ClusterPending"] == "0"
@@ -181,6 +186,33 @@ def test_three_hosts_share_the_manager_state(lab):
     assert C.spread() == Counter({"a": 12})
     for h in (A, B):
         assert "Traceback" not in h.proxy.log()
+
+
+class Traffic:
+    """One client per host, a request after another, until stop()."""
+
+    def __init__(self, hosts):
+        import threading
+        self.served, self.failed = [], []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(h,), daemon=True)
+                         for h in hosts]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, h) -> None:
+        while not self._stop.is_set():
+            try:
+                r = fetch(h.port, "/", address=h.address, timeout=5)
+                (self.served if r.status == 200 else self.failed).append((h.node, r.status))
+            except OSError as e:
+                self.failed.append((h.node, e))
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
 
 
 def _free(host: str, port: int) -> bool:
