@@ -145,6 +145,9 @@ def test_three_hosts_share_the_manager_state(lab):
         assert h.spread() == Counter({"a": 12}), h.node
         last = h.state()["cluster"]["last_change"]
         assert last["node"] == "a" and last["source"] == "manager", last
+        (change,) = h.state()["cluster"]["changes"]
+        assert change["node"] == "a" and "status.N False -> True" in change["what"], change
+        assert b"Recent changes" in h.get().body
     assert B.auto()["ClusterLastChange"].split()[1:] == ["a", "manager"]
     print(f"drain on a seen by b and c within {took:.2f}s")
 

@@ -35,8 +35,18 @@ def cluster_html(sync) -> list:
         rows.append(tags.tr(tags.td(n["node"] + (" (this node)" if n["self"] else "")),
                             tags.td(digest), tags.td(str(n["version"])),
                             tags.td(str(n["pid"])), tags.td(f"{n['seen']:g}")))
-    return [tags.h2("Cluster"), "\n", facts, "\n", tags.table(*rows, border="0"), "\n",
-            tags.hr(), "\n"]
+    out = [tags.h2("Cluster"), "\n", facts, "\n", tags.table(*rows, border="0"), "\n"]
+    if s["changes"]:
+        changes = [tags.tr(*(tags.th(t) for t in ("Version", "From node", "Source", "Who",
+                                                 "At (UTC)", "Change")))]
+        for c in s["changes"]:
+            changes.append(tags.tr(tags.td(str(c.get("version"))), tags.td(c.get("node", "?")),
+                                   tags.td(c.get("source", "?")), tags.td(c.get("who") or "-"),
+                                   tags.td(time.strftime("%H:%M:%S",
+                                                         time.gmtime(c.get("at") or 0))),
+                                   tags.td(c.get("what", ""))))
+        out += [tags.h3("Recent changes"), "\n", tags.table(*changes, border="0"), "\n"]
+    return out + [tags.hr(), "\n"]
 
 
 def origin_text(o) -> str:

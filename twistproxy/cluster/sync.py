@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -43,6 +44,7 @@ log = Logger(namespace="twistproxy.cluster")
 LOCAL = ("manager", "api", "state-file")   # admin sources this node writes to the cluster
 HEARTBEAT = 1.0
 HEARTBEAT_TTL = 5
+HISTORY = 10                               # changes the pages list, with their origin
 LEASE_TTL = 5
 
 
@@ -156,6 +158,7 @@ class ClusterSync:
         self._busy = False
         self._again = False
         self._problems_logged: set = set()
+        self.history: deque = deque(maxlen=HISTORY)   # the last versions, newest last
         self.ctx = None
         self.holders: dict[str, str] = {}     # share_health: balancer -> its checker
         self._checking: dict[str, bool] = {}  # balancer -> our checks running
@@ -372,6 +375,7 @@ class ClusterSync:
                 "version": self.applied, "digest": self.digest,
                 "pending": len(self.pending), "dropped": self.dropped,
                 "nodes": nodes, "last_change": self.origin,
+                "changes": list(reversed(self.history)),
                 "share_health": self.cc.share_health,
                 "health_checkers": dict(sorted(self.holders.items()))}
 
@@ -452,6 +456,8 @@ class ClusterSync:
         self.pending = [p for p in self.pending if p not in taken]
         self.origin = dict(origin, version=version)
         if taken:
+            self.history.append(dict(self.origin, what=_rows_text(
+                [r for p in taken for r in p.rows])))
             log.info("cluster: version {v} written ({n} change(s) from {source})",
                      v=version, n=sum(len(p.rows) for p in taken), source=origin["source"])
         return True
@@ -477,6 +483,7 @@ class ClusterSync:
                          v=doc.get("version"), node=who or "?", e=e)
         self.origin = dict(origin, version=doc.get("version"))
         if applied:
+            self.history.append(dict(self.origin, what=changes_text(applied)()))
             log.info("cluster: version {v} from {node} ({source} {who}): {what}",
                      v=doc.get("version"), node=who or "?", source=origin.get("source", "?"),
                      who=origin.get("who") or "-", what=changes_text(applied)())
