@@ -369,3 +369,25 @@ def test_rediss_with_the_projects_client_tls(lab, tmp_path):
     assert result.returncode != 0
     one_line_failure(result, "cluster.redis: rediss://127.0.0.1:", "TLS certificate is "
                      "not trusted")
+
+
+def test_a_frozen_redis_is_noticed_and_traffic_does_not_wait(lab):
+    """Redis stopped (SIGSTOP: connections open, no answers), as behind a partition:
+    replies time out, the node says it is offline, requests are answered meanwhile,
+    and it is back once Redis answers again."""
+    import signal
+    redis = lab.add(RedisServer(free_port()))
+    a = lab.echo("a")
+    port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    A = Host(lab, "a", port, admin, redis.url, [("a", a.url)])
+    wait_until(lambda: A.auto().get("ClusterNodes") == "1", 10, "a joined")
+    redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        traffic = Traffic([A])
+        wait_until(lambda: A.auto()["ClusterConnected"] == "0", 10, "a offline")
+        traffic.stop()
+        assert traffic.failed == [] and traffic.served
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: A.auto()["ClusterConnected"] == "1", 10, "a back")
+    assert A.proxy.log().count("connection lost") == 1

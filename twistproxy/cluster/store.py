@@ -150,7 +150,7 @@ class Link:
             cmd = yield self._open(txredisapi.RedisProtocol)
             sub = yield self._open(_Subscriber)
             sub.on_message = self._on_message
-            yield sub.subscribe(self.channel)
+            yield sub.subscribe(self.channel).addTimeout(REPLY_TIMEOUT, self.reactor)
         except Exception as e:
             for p in (cmd, sub):
                 if p is not None and p.transport is not None:
