@@ -391,3 +391,25 @@ def test_a_frozen_redis_is_noticed_and_traffic_does_not_wait(lab):
         redis.proc.send_signal(signal.SIGCONT)
     wait_until(lambda: A.auto()["ClusterConnected"] == "1", 10, "a back")
     assert A.proxy.log().count("connection lost") == 1
+
+
+def test_a_reloaded_host_goes_on_sharing(lab):
+    """SIGHUP on B: its new generation's runtime is the one shared, both ways."""
+    import signal
+    redis = lab.add(RedisServer(free_port()))
+    a, b = lab.echos("a", "b")
+    members = [("a", a.url), ("b", b.url)]
+    port, admin = free_port("127.0.0.2"), free_port("127.0.0.2")
+    A, B = (Host(lab, n, port, admin, redis.url, members) for n in "ab")
+    for h in (A, B):
+        wait_until(lambda: h.auto().get("ClusterNodes") == "2", 10, f"{h.node} sees 2")
+    A.change("a", w_status_N="1")
+    wait_until(lambda: "N" in B.member("a")["flags"], 5, "b has a drained")
+    B.proxy.proc.send_signal(signal.SIGHUP)
+    B.proxy.wait_for_log("generation 2 serves", timeout=15)
+    assert "N" in B.member("a")["flags"]          # kept by the reload
+    A.change("b", w_lf="4")
+    wait_until(lambda: B.member("b")["loadfactor"] == 4, 5, "b has A's change")
+    B.change("a", w_status_N="0")
+    wait_until(lambda: "N" not in A.member("a")["flags"], 5, "a has B's change")
+    assert set(B.spread(20)) == {"a", "b"}
