@@ -45,7 +45,7 @@ LOCAL = ("manager", "api", "state-file")   # admin sources this node writes to t
 HEARTBEAT = 1.0
 HEARTBEAT_TTL = 5
 HISTORY = 10                               # changes the pages list, with their origin
-LEASE_TTL = 5
+LEASE_TTL = 3          # share_health: a dead checker is replaced within this
 
 
 def digest(config) -> str:
