@@ -195,3 +195,32 @@ def test_digest_ignores_listeners():
     two = loads(BASE.replace("127.0.0.1\"\nport = 8080", "127.0.0.2\"\nport = 8081"))
     three = loads(BASE.replace('route = "b"', 'route = "c"'))
     assert digest(one) == digest(two) != digest(three)
+
+
+# -- the connection's log: bounded --------------------------------------------------------
+
+def test_reconnect_attempts_are_logged_at_a_bounded_rate():
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+
+    from twistproxy.cluster import store
+    events = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        clock = Clock()
+        link = store.Link(cluster('redis = "redis://127.0.0.1:1"\nname = "e"'), clock,
+                          "e:changes", lambda cmd: None, lambda: None, lambda c, m: None)
+        link._connect = lambda: None           # attempts are driven by hand here
+        for _ in range(200):                   # 200 failed attempts, one a second
+            link._failed_attempt(ConnectionRefusedError(111, "Connection refused"))
+            clock.advance(1.0)
+        assert link._delay == store.RETRY_MAX
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    mine = [e for e in events if e.get("log_namespace") == "twistproxy.cluster"]
+    warned = [e for e in mine if e["log_level"].name == "warn"]
+    assert len(mine) == 200
+    assert 1 + 200 // store.LOG_EVERY - 1 <= len(warned) <= 1 + 200 // store.LOG_EVERY
+    assert warned[0]["what"] == "cannot connect"
+    assert all("still unreachable" in e["log_format"] for e in warned[1:])
