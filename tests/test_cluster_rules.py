@@ -57,6 +57,13 @@ def test_a_full_table():
     assert "s@cret" not in repr(c) and "cret" not in c.shown_url
 
 
+def test_summary_names_the_cluster():
+    config = loads(BASE + '[cluster]\nredis = "redis://:pw@10.0.0.9"\nname = "edge"\n'
+                          'node = "a"')
+    assert config.summary().endswith("; cluster edge as node a (redis://10.0.0.9:6379/0)")
+    assert "cluster" not in loads(BASE).summary()
+
+
 def test_rediss():
     c = cluster('redis = "rediss://:pw@redis.example:6390/1"\nname = "e"\nverify = false')
     assert (c.tls, c.verify, c.port, c.shown_url) == (True, False, 6390,

@@ -289,7 +289,8 @@ class Config:
             f"{self.path}: ok: {len(self.listeners)} listener(s) "
             f"({', '.join(l.key for l in self.listeners)}), {len(self.vhosts)} vhost(s), "
             f"{routes} route(s), {len(self.balancers)} balancer(s) with {members} member(s)"
-        )
+        ) + (f"; cluster {self.cluster.name} as node {self.cluster.node} "
+             f"({self.cluster.shown_url})" if self.cluster is not None else "")
 
 
 # ---------------------------------------------------------------------------
