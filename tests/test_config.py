@@ -92,7 +92,7 @@ ERRORS = [
     E(doc(top="vhosts = 1\n"), "vhosts", None, "unknown key (did you mean 'vhost'?)",
       id="unknown-top-level-vhosts"),
     E(doc(top="zzz = 1\n"), "zzz", None,
-      "unknown key (known keys: server, listen, vhost, balancer, admin)", id="unknown-top-no-hint"),
+      "unknown key (known keys: server, listen, vhost, balancer, admin, cluster)", id="unknown-top-no-hint"),
     E(doc(top='balancer = "abc"\n'), "balancer", "'abc'", "must be a table",
       id="balancer-not-table"),
     E(doc(top="[[balancer]]\nx = 1\n"), "balancer", None, "must be a table",

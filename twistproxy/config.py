@@ -24,7 +24,7 @@ from .windows import WINDOWS
 __all__ = [
     "ConfigError", "Config", "ServerConfig", "ListenConfig", "VhostConfig",
     "RouteConfig", "HeaderAction", "WorkerParams", "BalancerConfig", "MemberConfig",
-    "BackendURL", "AdminConfig", "HANDLERS", "load", "loads", "member_url",
+    "BackendURL", "AdminConfig", "ClusterConfig", "HANDLERS", "load", "loads", "member_url",
 ]
 
 
@@ -248,6 +248,31 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: admin state shared with other hosts through Redis (twistproxy/cluster/).
+    `password` comes from the URL or from `password_file` (read at load)."""
+    redis_url: str = field(repr=False)
+    name: str
+    node: str
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_file: str = ""
+    share_health: bool = False
+    tls: bool = False                       # rediss://
+    ca_file: str = ""                       # rediss://: the CAs to trust (default: the system's)
+    verify: bool = True                     # rediss://: check the certificate and host name
+
+    @property
+    def shown_url(self) -> str:
+        """The URL without its password (for logs and pages)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -255,6 +280,7 @@ class Config:
     vhosts: tuple[VhostConfig, ...]
     balancers: dict[str, BalancerConfig] = field(default_factory=dict)
     admin: AdminConfig | None = None        # None: no [admin] table (no admin listener)
+    cluster: ClusterConfig | None = None    # None: no [cluster] table (one host alone)
 
     def summary(self) -> str:
         routes = sum(len(v.routes) for v in self.vhosts)
@@ -263,7 +289,8 @@ class Config:
             f"{self.path}: ok: {len(self.listeners)} listener(s) "
             f"({', '.join(l.key for l in self.listeners)}), {len(self.vhosts)} vhost(s), "
             f"{routes} route(s), {len(self.balancers)} balancer(s) with {members} member(s)"
-        )
+        ) + (f"; cluster {self.cluster.name} as node {self.cluster.node} "
+             f"({self.cluster.shown_url})" if self.cluster is not None else "")
 
 
 # ---------------------------------------------------------------------------
@@ -444,7 +471,8 @@ class _Loader:
     # -- the document --------------------------------------------------------
 
     def config(self, data: dict) -> Config:
-        self.table("(top level)", data, ("server", "listen", "vhost", "balancer", "admin"),
+        self.table("(top level)", data, ("server", "listen", "vhost", "balancer", "admin",
+                                         "cluster"),
                    required=("listen", "vhost"))
         server = self.server(data.get("server", {}))
         listeners = tuple(self.listener(f"listen[{i}]", v)
@@ -471,7 +499,78 @@ class _Loader:
         if not server.master_process and server.worker_processes > 1:
             raise self.fail("server.worker_processes", server.worker_processes,
                             "needs server.master_process = true (the master spawns them)")
-        return Config(self.path, server, listeners, vhosts, balancers, admin)
+        cluster = self.cluster(data["cluster"]) if "cluster" in data else None
+        return Config(self.path, server, listeners, vhosts, balancers, admin, cluster)
+
+    def cluster(self, raw: Any) -> ClusterConfig:
+        """[cluster]: redis = "redis://[user:password@]host[:port][/db]", name, node,
+        password_file, share_health."""
+        import socket
+        from urllib.parse import unquote, urlsplit
+        w = "cluster"
+        raw = self.table(w, raw, ("redis", "name", "node", "password_file", "share_health",
+                                  "ca_file", "verify"), required=("redis", "name"))
+        real = self.string(f"{w}.redis", raw["redis"]).strip()
+        url = re.sub(r"//[^@/]*@", "//***@", real)      # errors never show a password
+        try:
+            parts = urlsplit(real)
+            urlsplit(url).port
+        except ValueError as e:
+            raise self.fail(f"{w}.redis", url, f"is not a Redis URL ({e})") from None
+        try:
+            port = parts.port
+        except ValueError as e:
+            raise self.fail(f"{w}.redis", url, f"is not a Redis URL ({e})") from None
+        if parts.scheme not in ("redis", "rediss"):
+            raise self.fail(f"{w}.redis", url, "must be a redis:// or rediss:// (TLS) URL "
+                            "(redis://host[:port][/db])")
+        tls = parts.scheme == "rediss"
+        for key in ("ca_file", "verify"):
+            if key in raw and not tls:
+                raise self.fail(f"{w}.{key}", raw[key], "is for a rediss:// (TLS) URL; "
+                                "cluster.redis is redis://")
+        ca_file = self.file(f"{w}.ca_file", raw["ca_file"]) if "ca_file" in raw else ""
+        verify = self.boolean(f"{w}.verify", raw.get("verify", True))
+        if not parts.hostname:
+            raise self.fail(f"{w}.redis", url, "names no host (redis://host[:port][/db])")
+        if parts.query or parts.fragment:
+            raise self.fail(f"{w}.redis", url, "has a query or fragment: only "
+                            "redis://[user:password@]host[:port][/db] is read")
+        db_text = parts.path.lstrip("/")
+        if db_text and (not db_text.isdigit() or int(db_text) > 15):
+            raise self.fail(f"{w}.redis", url, f"has database {db_text!r}: it must be a "
+                            "number from 0 to 15")
+        name = self.string(f"{w}.name", raw["name"])
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise self.fail(f"{w}.name", name, "must be 1 to 64 letters, digits, '.', '_' "
+                            "or '-' (it prefixes the cluster's Redis keys)")
+        node = self.string(f"{w}.node", raw.get("node", socket.gethostname()))
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", node):
+            raise self.fail(f"{w}.node", node, "must be 1 to 64 letters, digits, '.', '_' "
+                            "or '-' (this host's name in the cluster)")
+        password = unquote(parts.password) if parts.password is not None else None
+        username = unquote(parts.username) if parts.username else None
+        pfile = ""
+        if "password_file" in raw:
+            pfile = self.file(f"{w}.password_file", raw["password_file"])
+            if password is not None:
+                raise self.fail(f"{w}.password_file", raw["password_file"], "is given but "
+                                "cluster.redis has a password too: keep one")
+            try:
+                with open(pfile, encoding="utf-8") as f:
+                    password = f.read().strip()
+            except OSError as e:
+                raise self.fail(f"{w}.password_file", raw["password_file"],
+                                f"cannot be read ({e.strerror or e})") from None
+            if not password:
+                raise self.fail(f"{w}.password_file", raw["password_file"], "is empty")
+        share = self.boolean(f"{w}.share_health", raw.get("share_health", False))
+        if ca_file:
+            from .tls import check_ca_file
+            check_ca_file(ca_file, f"{w}.ca_file", self.path)
+        return ClusterConfig(real, name, node, parts.hostname, port or 6379,
+                             int(db_text or 0), username, password, pfile, share, tls,
+                             ca_file, verify)
 
     def admin(self, raw: Any, listeners) -> AdminConfig:
         w = "admin"

@@ -71,6 +71,7 @@ class ProxyContext:
                     self.health_checks.append(HealthCheck(reactor, self.runtime, m))
         self.runtime.subscribe(self._members_added)
         self.admin = None       # admin.site.Admin, for routes with a `handler`
+        self.cluster = None     # cluster.sync.ClusterSync, in the process that talks to Redis
         self.connections: set = set()
         self.listeners = {listen.key: ListenerCounters() for listen in config.listeners}
         self.stopping = False

@@ -71,6 +71,11 @@ class ProxyService(MultiService):
                                any(r.handler for v in config.vhosts for r in v.routes)):
             from .admin.site import Admin
             self.admin = self.ctx.admin = Admin(self.ctx, config.admin)
+        self.cluster = None      # one process: it is the one that talks to Redis
+        if not controlled and config.cluster is not None:
+            from .cluster.sync import ClusterSync
+            self.cluster = ClusterSync(config, reactor)
+            self.cluster.attach(self.ctx)
         self.ports = []
         self._flusher = None
         self._sweeper = None
@@ -120,6 +125,8 @@ class ProxyService(MultiService):
         if not self.controlled:
             for check in self.ctx.health_checks:
                 check.start()
+        if self.cluster is not None:
+            self.cluster.start()
         if any(p.ttl is not None for p in self.ctx.pools) or self.ctx.forward_gates:
             # pool maintenance: idle connections above smax older than ttl are closed,
             # and a forward proxy's workers for origins no longer in use are forgotten
@@ -158,6 +165,8 @@ class ProxyService(MultiService):
         self.ctx.stopping = True
         for check in self.ctx.health_checks:
             check.stop()
+        if self.cluster is not None:
+            yield self.cluster.stop()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         # idle keep-alive connections are closed now; one accepted but with no request
@@ -193,6 +202,11 @@ def build_service(config: Config, reactor=None, takeover: bool = False) -> Proxy
     Sockets inherited (from the process taken over with --takeover, or from systemd)
     are used instead of binding where their keys match (_inherit)."""
     tls = check_files(config)                 # or ConfigError, before any bind
+    if config.cluster is not None:
+        from .cluster.store import probe
+        why = probe(config.cluster)           # a wrong password: before any bind too
+        if why:
+            raise StartupError(f"{config.path}: {why}")
     inherited, handing = _inherit(config, takeover)
     server = None
     if config.server.master_process:

@@ -197,6 +197,19 @@ def client_options_for(params: WorkerParams, config_path: str = "", where: str =
     return options
 
 
+def check_ca_file(path: str, where: str, config_path: str) -> None:
+    """A CA file that must hold certificates (ConfigError otherwise)."""
+    _certificates(_read(path, where, config_path), path, where, config_path)
+
+
+def redis_options(cluster):
+    """[cluster]'s rediss:// client TLS options (the project's client TLS rules: the
+    system's CAs or ca_file, host name checked, SNI; verify = false checks nothing)."""
+    from .config import WorkerParams
+    params = WorkerParams(verify=cluster.verify, ca_file=cluster.ca_file)
+    return client_options_for(params, "", "cluster")(cluster.host)
+
+
 def check_files(config) -> dict:
     """Every certificate, key, chain and CA file the configuration names, checked
     (ConfigError otherwise); returns the listeners' ServerTLS by listener key."""

@@ -133,8 +133,11 @@ class BalancerManager(Resource):
                 "max_members": len(b.config.members) + b.config.growth,
                 "paths": self.paths(name), "members": members,
             })
-        return {"server_version": SERVER_VERSION, "persisted": self.admin.persisted,
+        snap = {"server_version": SERVER_VERSION, "persisted": self.admin.persisted,
                 "balancers": out}
+        if self.ctx.cluster is not None:
+            snap["cluster"] = self.ctx.cluster.summary()
+        return snap
 
     def member_link(self, path: str, b, m) -> str:
         # b, w, nonce in that order and the URL as written: what scrapers of Apache expect
@@ -297,6 +300,9 @@ class BalancerManager(Resource):
             tags.dl(tags.dt(f"Server Version: {SERVER_VERSION}"), "\n",
                     tags.dt(f"Balancer changes will {persisted}be persisted on restart.")),
             "\n", tags.hr(), "\n")
+        if self.ctx.cluster is not None:
+            from ..cluster.pages import cluster_html
+            body(cluster_html(self.ctx.cluster))
         for b in self.ctx.runtime.balancers.values():
             body(self._balancer_tables(path, b))
         b = self.ctx.runtime.balancers.get(args.get("b", "").removeprefix("balancer://"))

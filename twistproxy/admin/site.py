@@ -86,6 +86,8 @@ class Admin(BasicUsers):
     # -- changes: logged, and kept in the state file --------------------------------------
 
     def _changed(self, changes) -> None:
+        if self.state_file and any(c.source == "cluster" for c in changes):
+            self._save()                 # another node's change: kept here too
         mine = [c for c in changes if c.source in ("manager", "state-file")]
         if not mine:
             return
@@ -93,11 +95,14 @@ class Admin(BasicUsers):
             log.info("{source}: {who}: balancer://{balancer} {what}", source=c.source,
                      who=c.who or "-", balancer=c.balancer, what=changes_text([c])())
         if self.state_file and any(c.source == "manager" for c in mine):
-            try:
-                persist.save(self.state_file, self.ctx.runtime)
-            except OSError as e:
-                log.error("admin.state_file: {path!r} cannot be written: {why}",
-                          path=self.state_file, why=e.strerror or e)
+            self._save()
+
+    def _save(self) -> None:
+        try:
+            persist.save(self.state_file, self.ctx.runtime)
+        except OSError as e:
+            log.error("admin.state_file: {path!r} cannot be written: {why}",
+                      path=self.state_file, why=e.strerror or e)
 
     def restore(self) -> None:
         """At start-up, before any request: the state file's changes, or why not."""

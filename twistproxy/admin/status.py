@@ -130,6 +130,9 @@ class Reading:
                   f"ConnsAsyncKeepAlive: {c.waiting}",
                   f"ConnsAsyncClosing: {c.closing}",
                   f"Scoreboard: {c.scoreboard}"]
+        if getattr(self.ctx, "cluster", None) is not None:
+            from ..cluster.pages import cluster_auto
+            lines += cluster_auto(self.ctx.cluster)
         for i, b in enumerate(self.ctx.runtime.balancers.values()):
             p = f"ProxyBalancer[{i}]"
             lines.append(f"{p}Name: balancer://{b.name}")
@@ -223,6 +226,9 @@ class StatusPage(Element):
     @renderer
     def balancers(self, request, tag):
         out = []
+        if getattr(self.r.ctx, "cluster", None) is not None:
+            from ..cluster.pages import cluster_html
+            out += cluster_html(self.r.ctx.cluster)
         for b in self.r.ctx.runtime.balancers.values():
             out.append(tags.h2(f"Proxy LoadBalancer Status for balancer://{b.name}"))
             out.append(tags.table(

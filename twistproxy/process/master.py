@@ -227,6 +227,10 @@ class MasterService(Service):
         self.reactor_name = "auto"      # the workers' reactor: twistproxy run --reactor
         self.started = None
         self.plane = Plane(config, reactor, tls or {})
+        self.cluster = None              # cluster/sync.py: this host's link to the others
+        if config.cluster is not None:
+            from ..cluster.sync import ClusterSync
+            self.cluster = ClusterSync(config, reactor)
         self._wire(self.plane)
         self.generation = Generation(1, config, bound, access_log)
         self.draining: list[Generation] = []
@@ -280,6 +284,8 @@ class MasterService(Service):
         if self.admin_bound is not None:
             self._start_admin(self.admin_bound)
         self.plane.start()
+        if self.cluster is not None:
+            self.cluster.start()
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
         self._start_generation(self.generation)
         if self.handover is not None:                    # hook: process/handover.py
@@ -287,6 +293,8 @@ class MasterService(Service):
 
     def _wire(self, plane: Plane) -> None:
         plane.ctx.runtime.subscribe(self._broadcast)
+        if self.cluster is not None:
+            self.cluster.attach(plane.ctx)
         if plane.admin is not None:
             plane.admin.refresh = self.refresh
 
@@ -637,6 +645,8 @@ class MasterService(Service):
                 call.cancel()
         self._pending.clear()
         self.plane.stop()
+        if self.cluster is not None:
+            yield self.cluster.stop()
         gens = [self.generation] + self.draining
         running = [w for g in gens for w in g.workers.values()]
         log.info("stopping: {n} worker(s) finish in-flight requests (at most {t:g}s)",
