@@ -61,7 +61,9 @@ class ProxyContext:
         self.runtime = Runtime(Balancer(b) for b in config.balancers.values())
         self.health_checks: list[HealthCheck] = []
         for name, bal in self.runtime.balancers.items():
-            retry = min(m.config.worker.retry for m in bal.members)
+            retry = min((m.config.worker.retry for m in bal.members), default=(
+                bal.config.members_from.member.worker.retry if bal.config.members_from
+                else 60.0))
             bal.outage = Outage(f"balancer://{name}", summary_interval(retry),
                                 reactor.seconds, reactor.callLater)
             for i, m in enumerate(bal.members):
@@ -70,6 +72,16 @@ class ProxyContext:
                 if m.config.hcmethod != "NONE":
                     self.health_checks.append(HealthCheck(reactor, self.runtime, m))
         self.runtime.subscribe(self._members_added)
+        # members_from: DNS lookups, run (with the health checks) only by the process
+        # that owns admin state: start_owned()
+        self.discoveries = []
+        self.owns_state = False
+        if any(b.members_from for b in config.balancers.values()):
+            from .balancer.discovery import Discovery, make_resolver
+            resolver = make_resolver(config.server.resolver, reactor)
+            self.discoveries = [Discovery(reactor, self.runtime, name, b.members_from,
+                                          resolver)
+                                for name, b in config.balancers.items() if b.members_from]
         self.admin = None       # admin.site.Admin, for routes with a `handler`
         self.connections: set = set()
         self.listeners = {listen.key: ListenerCounters() for listen in config.listeners}
@@ -132,14 +144,46 @@ class ProxyContext:
         return entries
 
     def _members_added(self, changes) -> None:
-        """A member added at runtime (the manager's b_nwrkr) gets its worker here."""
+        """A member added at runtime (the manager's b_nwrkr, or found by DNS) gets its
+        worker here, and in the process that owns health checks its check; a member
+        removed (gone from DNS) loses its check. Its worker stays defined (a worker is
+        by origin and may be shared; an address that comes back reuses it)."""
         for c in changes:
-            if c.field == "add_member":
+            if c.field in ("add_member", "discover_member"):
                 bal = self.runtime.balancer(c.balancer)
                 m = self.runtime.member(c.balancer, c.member)
-                m.pool = self.workers.define(m.config.url, m.config.worker,
-                                             f"balancer.{c.balancer}.member[{len(bal.members) - 1}]",
+                where = (f"balancer.{c.balancer}.members_from" if c.field == "discover_member"
+                         else f"balancer.{c.balancer}.member[{len(bal.members) - 1}]")
+                m.pool = self.workers.define(m.config.url, m.config.worker, where,
                                              member=True)
+                if c.field == "discover_member" and m.config.hcmethod != "NONE":
+                    check = HealthCheck(self.reactor, self.runtime, m)
+                    self.health_checks.append(check)
+                    if self.owns_state and not self.stopping:
+                        check.start()
+            elif c.field == "remove_member":
+                for check in [h for h in self.health_checks
+                              if h.balancer_name == c.balancer and h.member.name == c.member
+                              and h.member.owner is not None
+                              and h.member not in h.member.owner.members]:
+                    check.stop()
+                    self.health_checks.remove(check)
+
+    def start_owned(self) -> None:
+        """This process owns admin state (the master, or the one process): it runs
+        the health checks and the DNS lookups of members_from."""
+        self.owns_state = True
+        for check in self.health_checks:
+            check.start()
+        for d in self.discoveries:
+            d.start()
+
+    def stop_owned(self) -> None:
+        self.owns_state = False
+        for d in self.discoveries:
+            d.stop()
+        for check in self.health_checks:
+            check.stop()
 
     @property
     def pools(self) -> list[Pool]:

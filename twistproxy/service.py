@@ -118,8 +118,7 @@ class ProxyService(MultiService):
         if self.admin_bound is not None:
             self._start_admin(self.admin_bound)
         if not self.controlled:
-            for check in self.ctx.health_checks:
-                check.start()
+            self.ctx.start_owned()           # health checks, members_from lookups
         if any(p.ttl is not None for p in self.ctx.pools) or self.ctx.forward_gates:
             # pool maintenance: idle connections above smax older than ttl are closed,
             # and a forward proxy's workers for origins no longer in use are forgotten
@@ -156,8 +155,7 @@ class ProxyService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.ctx.stopping = True
-        for check in self.ctx.health_checks:
-            check.stop()
+        self.ctx.stop_owned()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         # idle keep-alive connections are closed now; one accepted but with no request

@@ -47,6 +47,7 @@ class Member:
     hc_passed: int = 0
     hc_failed: int = 0
     error_seconds: float = 0.0       # time spent in error state, ended periods
+    discovered: bool = False         # found by DNS (members_from), not configured
 
     def __post_init__(self):
         if not self.route:
@@ -140,7 +141,13 @@ class Balancer:
         return m
 
     def lbsets_changed(self) -> None:
-        self.max_lbset = max(m.lbset for m in self.members)
+        self.max_lbset = max((m.lbset for m in self.members), default=0)
+
+    def remove_member(self, member: Member) -> None:
+        """A member taken out at runtime (runtime.Runtime: a discovered member gone from
+        DNS). Requests in flight keep their Member object and finish as usual."""
+        self.members.remove(member)
+        self.lbsets_changed()
 
     def set(self, field: str, value) -> None:
         """A setting changed by runtime.Runtime.apply (validated there)."""
