@@ -133,6 +133,10 @@ class BalancerManager(Resource):
                 "max_members": len(b.config.members) + b.config.growth,
                 "paths": self.paths(name), "members": members,
             })
+            found = next((d for d in getattr(self.ctx, "discoveries", ())
+                          if d.balancer == name), None)
+            if found is not None:
+                out[-1]["members_from"] = found.snapshot()
         return {"server_version": SERVER_VERSION, "persisted": self.admin.persisted,
                 "balancers": out}
 

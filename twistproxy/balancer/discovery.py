@@ -42,10 +42,37 @@ class Wanted:
     loadfactor: float | None = None
 
 
+class _QuietResolver(client.Resolver):
+    """Its per-query UDP protocols say nothing (twisted.names' are noisy)."""
+
+    def _connectedProtocol(self, interface=""):
+        proto = super()._connectedProtocol(interface)
+        proto.noisy = False
+        return proto
+
+
+_PORT_NOISE = ("DNSDatagramProtocol starting on ", "(UDP Port ",
+               "Starting protocol <twisted.names.dns.DNSDatagramProtocol",
+               "Stopping protocol <twisted.names.dns.DNSDatagramProtocol")
+
+
+def quiet_dns_ports(event) -> "object":
+    """A twisted.logger filter predicate: the lines Twisted's UDP port logs for each
+    DNS query ("... starting on", "(UDP Port N Closed)") are dropped, the rest is
+    left to the next predicate."""
+    from twisted.logger import PredicateResult
+    text = event.get("log_text")
+    if text is None and event.get("message"):
+        text = " ".join(str(m) for m in event["message"])
+    if text and text.startswith(_PORT_NOISE):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def make_resolver(servers: tuple[tuple[str, int], ...], reactor):
     """[server] resolver's servers, else the system's (/etc/resolv.conf, hosts)."""
     if servers:
-        return client.Resolver(servers=list(servers), reactor=reactor)
+        return _QuietResolver(servers=list(servers), reactor=reactor)
     return client.createResolver()
 
 
@@ -124,6 +151,15 @@ class Discovery:
         self._timer = None
         self._running = False
         self._in_flight = None
+
+    def snapshot(self) -> dict:
+        """For the manager's JSON."""
+        c = self.config
+        return {"kind": c.kind, "name": c.name, "scheme": c.scheme,
+                "port": c.port or None, "resolve_every": c.resolve_every,
+                "lookups": self.lookups, "failures": self.failures,
+                "failing": self.failing,
+                "last_good": sorted(self.last_good or ()), "draining": sorted(self.drained)}
 
     # -- schedule ------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ class Balancer:
         self.members: list[Member] = []
         for m in config.members:
             self.add_member(m)
+        self.lbsets_changed()          # none configured: members_from adds them later
         self.lbmethod = config.lbmethod
         self.timeout = config.timeout
         self.maxattempts = config.maxattempts
