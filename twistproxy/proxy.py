@@ -146,8 +146,9 @@ class ProxyContext:
     def _members_added(self, changes) -> None:
         """A member added at runtime (the manager's b_nwrkr, or found by DNS) gets its
         worker here, and in the process that owns health checks its check; a member
-        removed (gone from DNS) loses its check. Its worker stays defined (a worker is
-        by origin and may be shared; an address that comes back reuses it)."""
+        removed (gone from DNS) loses its check and its idle connections. Its worker
+        stays defined (a worker is by origin and may be shared; an address that comes
+        back reuses it)."""
         for c in changes:
             if c.field in ("add_member", "discover_member"):
                 bal = self.runtime.balancer(c.balancer)
@@ -168,6 +169,13 @@ class ProxyContext:
                               and h.member not in h.member.owner.members]:
                     check.stop()
                     self.health_checks.remove(check)
+                # its idle keep-alive connections are closed unless a member still
+                # uses its worker (connections in use finish their requests)
+                in_use = {id(m.pool) for b in self.runtime.balancers.values()
+                          for m in b.members}
+                for _, pool in self.workers.by_origin.get(c.member, ()):
+                    if id(pool) not in in_use:
+                        pool.close_idle()
 
     def start_owned(self) -> None:
         """This process owns admin state (the master, or the one process): it runs

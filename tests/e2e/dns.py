@@ -9,7 +9,7 @@ answers by rewriting the file (`TestDNS.set`).
 SRV answers carry their targets' A/AAAA records in the additional section when the
 file has them (as Consul does); a name not in the file is NXDOMAIN.
 
-`python dns.py RECORDS.json` prints its port, then serves until killed. `AddressEcho`
+`python dns.py RECORDS.json [PORT]` prints its port, then serves until killed. `AddressEcho`
 is twistproxy's echo backend on a given loopback address (127.0.0.2, ::1...), for
 A/AAAA farms whose members share one port.
 """
@@ -27,14 +27,16 @@ ROOT = HERE.parent.parent
 
 
 class TestDNS:
-    """The DNS server subprocess and its records file."""
+    """The DNS server subprocess and its records file; `port` given: a server that
+    was stopped comes back where it was."""
 
     __test__ = False
 
-    def __init__(self, tmp: Path, records: dict | None = None):
+    def __init__(self, tmp: Path, records: dict | None = None, port: int = 0):
         self.path = tmp / "dns-records.json"
         self.set(records or {})
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "dns.py"), str(self.path)],
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "dns.py"), str(self.path),
+                                      str(port)],
                                      stdout=subprocess.PIPE, cwd=ROOT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         line = self.proc.stdout.readline()
@@ -85,7 +87,7 @@ class AddressEcho:
 
 # -- the server --------------------------------------------------------------------------
 
-def _serve(path: str) -> None:
+def _serve(path: str, port: int = 0) -> None:
     from twisted.internet import defer, reactor
     from twisted.names import common, dns, error, server
 
@@ -133,10 +135,10 @@ def _serve(path: str) -> None:
     factory.noisy = False
     proto = dns.DNSDatagramProtocol(factory)
     proto.noisy = False
-    port = reactor.listenUDP(0, proto, interface="127.0.0.1")
+    port = reactor.listenUDP(port, proto, interface="127.0.0.1")
     print(port.getHost().port, flush=True)
     reactor.run()
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    _serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -148,6 +148,23 @@ def test_srv_answer_that_fails_keeps_the_set_and_a_recovery_is_logged(lab, tmp_p
         wait_until(lambda: set(spread(proxy.port, 6)) == {"a", "b"}, 10, "b back")
 
 
+def test_a_reload_keeps_the_found_members_and_goes_on_resolving(lab, tmp_path):
+    import signal
+    a, b, c = lab.echos("a", "b", "c")
+    dns = lab.add(TestDNS(tmp_path, srv_records(a, b)))
+    proxy = lab.proxy(lambda ports: config(ports, dns, f'{{ srv = "{SRV}" }}'))
+    wait_until(lambda: served(proxy.port) == {"a", "b"}, 10, "a and b serving")
+    dns.stop()                       # the new generation cannot ask DNS: it keeps a, b
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_line("reload: generation 2 serves", timeout=20)
+    assert set(members(proxy)) == {a.url, b.url}
+    assert set(spread(proxy.port, 8)) == {"a", "b"}
+    assert "could not all be kept" not in proxy.log()
+    lab.add(TestDNS(tmp_path, srv_records(a, c), port=dns.port))      # DNS is back
+    wait_until(lambda: set(members(proxy)) == {a.url, c.url}, 10, "c in, b out")
+    assert set(spread(proxy.port, 8)) == {"a", "c"}
+
+
 def test_host_form_takes_every_a_and_aaaa_address(lab, tmp_path):
     port = free_port("127.0.0.2")
     for name, address in (("v4", "127.0.0.2"), ("v6", "::1"), ("more", "127.0.0.3")):

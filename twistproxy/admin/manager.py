@@ -130,7 +130,7 @@ class BalancerManager(Resource):
                 "lbmethod": b.lbmethod, "timeout": b.timeout,
                 "maxattempts": max_attempts(b), "nofailover": b.nofailover,
                 "stickysession": b.stickysession, "growth": b.config.growth,
-                "max_members": len(b.config.members) + b.config.growth,
+                "max_members": max_members(b),
                 "paths": self.paths(name), "members": members,
             })
             found = next((d for d in getattr(self.ctx, "discoveries", ())
@@ -324,7 +324,7 @@ class BalancerManager(Resource):
                                              "Timeout", "FailoverAttempts", "Method", "Path",
                                              "Active")))
         row = tags.tr(
-            tags.td(f"{len(b.config.members) + b.config.growth} [{len(b.members)} Used]"),
+            tags.td(f"{max_members(b)} [{len(b.members)} Used]"),
             tags.td(b.stickysession or "(None)"), tags.td("On" if b.nofailover else "Off"),
             tags.td(f"{b.timeout:g}"), tags.td(str(max_attempts(b))), tags.td(b.lbmethod),
             tags.td(", ".join(self.paths(b.name))), tags.td("Yes"))
@@ -440,3 +440,9 @@ class BalancerManager(Resource):
             out.append("      </httpd:workers>\n    </httpd:balancer>\n")
         out.append("  </httpd:balancers>\n</httpd:manager>\n")
         return "".join(out).encode("utf-8")
+
+
+def max_members(b) -> int:
+    """Apache's MaxMembers: the configured members and the growth slots, and here the
+    members found by DNS (members_from), which take no slot."""
+    return len(b.config.members) + b.config.growth + sum(1 for m in b.members if m.discovered)
