@@ -122,8 +122,10 @@ def wanted(*urls: str) -> dict:
     return {u: Wanted(u) for u in urls}
 
 
-def run(rt: Runtime, want: dict, drained: dict, now: float, grace: float = 1.0):
-    adds, rest = plan("farm", rt.balancer("farm").members, want, drained, now, grace)
+def run(rt: Runtime, want: dict, drained: dict, now: float, grace: float = 1.0,
+        previous=None):
+    adds, rest = plan("farm", rt.balancer("farm").members, want, drained, now, grace,
+                      previous)
     for batch in (adds, rest):
         if batch:
             rt.apply(batch, "dns", now=now)
@@ -163,6 +165,22 @@ def test_plan_leaves_an_operators_drain_and_fixed_members_alone():
     rt.apply([Edit("farm", "status.N", True, member="http://10.0.0.1:80")], "manager")
     run(rt, wanted("http://10.0.0.1:80"), drained, 1)
     assert names(rt) == {"http://10.9.9.9": "", "http://10.0.0.1": "N"}   # still drained
+    run(rt, wanted(), drained, 2)                       # gone from DNS, then back
+    run(rt, wanted("http://10.0.0.1:80"), drained, 2.5)
+    assert names(rt)["http://10.0.0.1"] == "N"          # the operator's drain stays
+
+
+def test_a_changed_record_changes_lbset_and_loadfactor_but_not_an_operators_edit():
+    rt, drained = discovered_runtime(), {}
+    first = {"http://10.0.0.1:80": Wanted("http://10.0.0.1:80", 0, 5.0)}
+    run(rt, first, drained, 0)
+    rt.apply([Edit("farm", "loadfactor", 9, member="http://10.0.0.1")], "manager")
+    run(rt, first, drained, 1, previous=first)          # same record: the edit stays
+    assert rt.member("farm", "http://10.0.0.1").lbfactor == 900
+    second = {"http://10.0.0.1:80": Wanted("http://10.0.0.1:80", 1, 2.0)}
+    run(rt, second, drained, 2, previous=first)         # the record changed: it wins
+    m = rt.member("farm", "http://10.0.0.1")
+    assert (m.lbfactor, m.lbset) == (200, 1)
 
 
 def test_srv_priorities_are_lbsets_and_weights_loadfactors():

@@ -5,8 +5,9 @@ a file the test rewrites) names echo backends by SRV or A/AAAA; the proxy is ask
 for it by `[server] resolver`. The tests change the records and poll (with a
 deadline, never a fixed sleep) until the proxy's members follow: what the clients
 get (the echo names the member that served it) and the manager's JSON. The SRV test
-runs a master and a worker (the master resolves and broadcasts, the worker routes);
-the others one process (master_process = false).
+runs a master and a worker (the master resolves and broadcasts, the worker routes),
+and the reload test a master and a worker with health checks; the others one process
+(master_process = false).
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def test_a_reload_keeps_the_found_members_and_goes_on_resolving(lab, tmp_path):
     import signal
     a, b, c = lab.echos("a", "b", "c")
     dns = lab.add(TestDNS(tmp_path, srv_records(a, b)))
-    proxy = lab.proxy(lambda ports: config(ports, dns, f'{{ srv = "{SRV}" }}'))
+    # with health checks: the master checks, its worker routes once C is cleared
+    proxy = lab.proxy(lambda ports: config(ports, dns, f'{{ srv = "{SRV}" }}',
+                                           'hcmethod = "GET"\nhcinterval = 0.2'))
     wait_until(lambda: served(proxy.port) == {"a", "b"}, 10, "a and b serving")
     dns.stop()                       # the new generation cannot ask DNS: it keeps a, b
     proxy.proc.send_signal(signal.SIGHUP)

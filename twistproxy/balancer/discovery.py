@@ -97,35 +97,43 @@ def srv_wanted(scheme: str, records: list[tuple[int, int, int, str]],
     return out
 
 
-def plan(balancer: str, members, wanted: dict[str, Wanted], drained: dict[str, float],
-         now: float, grace: float) -> tuple[list[Edit], list[Edit]]:
+def plan(balancer: str, members, wanted: dict[str, Wanted],
+         drained: dict[str, tuple[float, bool]], now: float, grace: float,
+         previous: dict[str, Wanted] | None = None) -> tuple[list[Edit], list[Edit]]:
     """The edits that bring the balancer's discovered members to `wanted`: (adds,
-    then the rest, which may name the added members). `drained`: URL -> when this
-    module drained it (updated here). A drained member is removed once `grace` has
-    passed and it has nothing in flight here; one wanted again is undrained."""
+    then the rest, which may name the added members). `drained`: URL -> (since when
+    it is gone from DNS, whether this module set its N), updated here. A member gone
+    is drained, and removed once `grace` has passed and it has nothing in flight
+    here; one wanted again before that is undrained (unless its N was an
+    operator's). `previous`: the last answer applied; a record whose priority or
+    weight changed since changes its member's lbset or loadfactor."""
     adds, rest = [], []
     have = {m.config.url.raw: m for m in members if m.discovered}
+    previous = previous or {}
     for url, w in wanted.items():
         m = have.get(url)
+        before = previous.get(url)
         if m is None:
             adds.append(Edit(balancer, "discover_member", url))
-            if w.lbset is not None:
-                rest.append(Edit(balancer, "lbset", w.lbset, member=url))
-            if w.loadfactor is not None:
-                rest.append(Edit(balancer, "loadfactor", w.loadfactor, member=url))
-            continue
-        if url in drained:
-            del drained[url]
-            rest.append(Edit(balancer, "status.N", False, member=url))
+        if w.lbset is not None and (m is None or (before is not None
+                                                  and before.lbset != w.lbset)):
+            rest.append(Edit(balancer, "lbset", w.lbset, member=url))
+        if w.loadfactor is not None and (m is None or (before is not None
+                                                       and before.loadfactor != w.loadfactor)):
+            rest.append(Edit(balancer, "loadfactor", w.loadfactor, member=url))
+        if m is not None and url in drained:
+            _, ours = drained.pop(url)
+            if ours:
+                rest.append(Edit(balancer, "status.N", False, member=url))
     for url, m in have.items():
         if url in wanted:
             continue
-        since = drained.get(url)
-        if since is None:
-            drained[url] = now
-            if "N" not in m.flags:
+        if url not in drained:
+            ours = "N" not in m.flags
+            drained[url] = (now, ours)
+            if ours:
                 rest.append(Edit(balancer, "status.N", True, member=url))
-        elif now - since >= grace and m.busy <= 0:
+        elif now - drained[url][0] >= grace and m.busy <= 0:
             del drained[url]
             rest.append(Edit(balancer, "remove_member", True, member=url))
     for url in list(drained):
@@ -143,7 +151,7 @@ class Discovery:
         self.balancer = balancer
         self.config = config                 # config.DiscoveryConfig
         self.resolver = resolver
-        self.drained: dict[str, float] = {}
+        self.drained: dict[str, tuple[float, bool]] = {}
         self.failing = False                 # in an outage (logged once)
         self.lookups = 0
         self.failures = 0
@@ -264,8 +272,8 @@ class Discovery:
             self.failing = False
             log.info("balancer://{b}: DNS answers again for {name} ({n} member(s))",
                      b=self.balancer, name=self.config.name, n=len(wanted))
-        self.last_good = wanted
-        self.apply(wanted)
+        previous, self.last_good = self.last_good, wanted
+        self.apply(wanted, previous)
         self._next(ttl)
 
     def _failed(self, failure) -> None:
@@ -287,11 +295,11 @@ class Discovery:
         self._in_flight = None
         self._next(None)
 
-    def apply(self, wanted: dict[str, Wanted]) -> None:
+    def apply(self, wanted: dict[str, Wanted], previous=None) -> None:
         b = self.runtime.balancer(self.balancer)
         now = self.reactor.seconds()
         adds, rest = plan(self.balancer, b.members, wanted, self.drained, now,
-                          self.config.resolve_every)
+                          self.config.resolve_every, previous)
         for batch in (adds, rest):
             if not batch:
                 continue
