@@ -295,3 +295,35 @@ def test_discovery_keeps_the_last_good_set_logs_once_and_follows_the_ttl(caplog)
         assert clock.getDelayedCalls() == []
     finally:
         globalLogPublisher.removeObserver(lines.append)
+
+
+# -- the proxy's side: workers, checks and reverse maps of found members -------------------
+
+def test_found_members_get_a_worker_a_check_when_owned_and_a_reverse_map_entry():
+    from twistproxy.proxy import ProxyContext
+    cfg = loads(doc('members_from = { srv = "_a._tcp.x" }\nhcmethod = "TCP"')
+                .replace('url = "balancer://farm/"', 'url = "balancer://farm/"\n  reverse = true'))
+    class Reactor(task.Clock):
+        def connectTCP(self, *args, **kw):
+            return type("Connector", (), {"disconnect": lambda self: None})()
+
+    clock = Reactor()
+    ctx = ProxyContext(cfg, clock)
+    (rt,) = ctx.routes.values()
+    assert rt.reverse_map is None                    # no member yet
+    ctx.runtime.apply([Edit("farm", "discover_member", "http://10.0.0.1:8080")], "dns")
+    m = ctx.runtime.member("farm", "http://10.0.0.1:8080")
+    assert m.pool is not None and (m.pool.host, m.pool.port) == ("10.0.0.1", 8080)
+    assert [h.member for h in ctx.health_checks] == [m]
+    assert ctx.health_checks[0]._loop is None        # a worker: the master checks
+    assert rt.reverse_map.location(b"http://10.0.0.1:8080/x", b"http://p") == b"http://p/x"
+    ctx.discoveries = []                             # no DNS here
+    ctx.start_owned()                                # the owner: found members checked
+    ctx.runtime.apply([Edit("farm", "discover_member", "http://10.0.0.2:8080")], "dns")
+    assert all(h._loop is not None and h._loop.running for h in ctx.health_checks)
+    ctx.stop_owned()
+    ctx.runtime.apply([Edit("farm", "remove_member", True, member="http://10.0.0.2:8080")],
+                      "dns")
+    ctx.runtime.apply([Edit("farm", "remove_member", True, member="http://10.0.0.1:8080")],
+                      "dns")
+    assert ctx.health_checks == [] and rt.reverse_map is None

@@ -135,9 +135,9 @@ class ProxyContext:
         for route in vhost.routes:
             if not route.reverse or route.url is None:
                 continue
-            if route.url.is_balancer:
-                for m in self.config.balancers[route.url.host].members:
-                    base = m.url.origin + m.url.path.rstrip("/")
+            if route.url.is_balancer:       # its members now: found by DNS, added too
+                for m in self.runtime.balancer(route.url.host).members:
+                    base = m.config.url.origin + m.config.url.path.rstrip("/")
                     entries.append((base + route.url.path, route.path))
             else:
                 entries.append((route.url.origin + route.url.path, route.path))
@@ -149,6 +149,10 @@ class ProxyContext:
         removed (gone from DNS) loses its check and its idle connections. Its worker
         stays defined (a worker is by origin and may be shared; an address that comes
         back reuses it)."""
+        changed = {c.balancer for c in changes
+                   if c.field in ("add_member", "discover_member", "remove_member")}
+        for name in changed:
+            self._refresh_reverse(name)
         for c in changes:
             if c.field in ("add_member", "discover_member"):
                 bal = self.runtime.balancer(c.balancer)
@@ -176,6 +180,20 @@ class ProxyContext:
                 for _, pool in self.workers.by_origin.get(c.member, ()):
                     if id(pool) not in in_use:
                         pool.close_idle()
+
+    def _refresh_reverse(self, balancer: str) -> None:
+        """A balancer's members changed: the reverse maps (ProxyPassReverse) of the
+        vhosts whose reverse routes name it are made again."""
+        for vhost in self.config.vhosts:
+            if not any(r.reverse and r.url is not None and r.url.is_balancer
+                       and r.url.host == balancer for r in vhost.routes):
+                continue
+            entries = self._reverse_entries(vhost)
+            for route in vhost.routes:
+                rt = self.routes.get(route.where)
+                if rt is not None:
+                    rmap = H.ReverseMap(entries, route.cookie_domain, route.cookie_path)
+                    rt.reverse_map = rmap if rmap else None
 
     def start_owned(self) -> None:
         """This process owns admin state (the master, or the one process): it runs
