@@ -327,3 +327,51 @@ def test_found_members_get_a_worker_a_check_when_owned_and_a_reverse_map_entry()
     ctx.runtime.apply([Edit("farm", "remove_member", True, member="http://10.0.0.1:8080")],
                       "dns")
     assert ctx.health_checks == [] and rt.reverse_map is None
+
+
+class TargetResolver(FakeResolver):
+    """SRV answers without additional records: each target is looked up."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets = {}            # name -> addresses, or an exception
+
+    def lookupService(self, name, timeout=None):
+        d = super().lookupService(name, timeout)
+        return d.addCallback(lambda r: (r[0], [], []))
+
+    def _target(self, name, kind):
+        found = self.targets.get(name, error.DNSNameError(name))
+        if isinstance(found, Exception):
+            return defer.fail(found)
+        rr = [dns.RRHeader(name, dns.A, dns.IN, 7, dns.Record_A(a, 7))
+              for a in found if ":" not in a] if kind == dns.A else \
+            [dns.RRHeader(name, dns.AAAA, dns.IN, 7, dns.Record_AAAA(a, 7))
+             for a in found if ":" in a]
+        return defer.succeed((rr, [], []))
+
+    def lookupAddress(self, name, timeout=None):
+        return self._target(name, dns.A)
+
+    def lookupIPV6Address(self, name, timeout=None):
+        return self._target(name, dns.AAAA)
+
+
+def lookup_of(resolver):
+    rt = discovered_runtime()
+    found = Discovery(task.Clock(), rt, "farm", rt.balancer("farm").config.members_from,
+                      resolver)
+    results = []
+    found.lookup().addBoth(results.append)
+    return results[0]
+
+
+def test_srv_targets_without_additional_records_are_looked_up():
+    r = TargetResolver()
+    r.answer = [(1, 1, 80, "a.x", 30), (1, 1, 81, "gone.x", 30), (1, 1, 82, "", 30)]   # "": the root, "."
+    r.targets = {"a.x": ["10.0.0.1", "::1"]}
+    wanted, ttl = lookup_of(r)
+    assert sorted(wanted) == ["http://10.0.0.1:80", "http://[::1]:80"] and ttl == 7
+    r.targets["gone.x"] = error.DNSQueryTimeoutError("gone.x")     # passing failure
+    failure = lookup_of(r)
+    assert failure.check(error.DNSQueryTimeoutError)                # the set stays

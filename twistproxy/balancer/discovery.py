@@ -215,8 +215,9 @@ class Discovery:
             for rr in answers:
                 if rr.type == dns.SRV:
                     p = rr.payload
-                    records.append((p.priority, p.weight, p.port,
-                                    p.target.name.decode("ascii").rstrip(".").lower()))
+                    target = p.target.name.decode("ascii").rstrip(".").lower()
+                    if target:               # "." is "not offered here" (RFC 2782)
+                        records.append((p.priority, p.weight, p.port, target))
                     ttls.append(rr.ttl)
             if not records:
                 raise LookupError(f"no SRV record for {c.srv}")
@@ -243,7 +244,10 @@ class Discovery:
     @defer.inlineCallbacks
     def _addresses(self, name: str, strict: bool = False):
         """A and AAAA addresses of a name, and their smallest TTL. Either lookup may
-        fail alone; both failing fails (with `strict`, else an empty list)."""
+        fail alone. Both failing: with `strict` the lookup fails; else (an SRV
+        target) a name that does not exist has no address, but a timeout or SERVFAIL
+        fails the whole lookup (the last good set stays, no member is drained for a
+        passing failure)."""
         results = yield defer.DeferredList(
             [self.resolver.lookupAddress(name, timeout=QUERY_TIMEOUT),
              self.resolver.lookupIPV6Address(name, timeout=QUERY_TIMEOUT)],
@@ -257,8 +261,11 @@ class Discovery:
                 if rr.type in (dns.A, dns.AAAA):
                     found.append(_address(rr))
                     ttls.append(rr.ttl)
-        if not found and strict and len(errors) == 2:
-            errors[0].raiseException()
+        if not found and len(errors) == 2:
+            from twisted.names.error import DNSNameError
+            passing = [e for e in errors if not e.check(DNSNameError)]
+            if strict or passing:
+                (passing or errors)[0].raiseException()
         return found, (min(ttls) if ttls else None)
 
     # -- results -------------------------------------------------------------------
