@@ -14,6 +14,9 @@ from . import headers as H
 from .authority import absolute_form, host_port
 from .balancer import Balancer
 from .balancer.attempt import Attempt
+# imported with the service, before any listener is bound (twisted.names takes a
+# moment to import: not in the window where a re-binding reactor takes the port over)
+from .balancer.discovery import Discovery, make_resolver
 from .balancer.health import HealthCheck
 from .config import BackendURL, Config, VhostConfig
 from .handlers.connect import ConnectExchange, ForwardGate
@@ -77,7 +80,6 @@ class ProxyContext:
         self.discoveries = []
         self.owns_state = False
         if any(b.members_from for b in config.balancers.values()):
-            from .balancer.discovery import Discovery, make_resolver
             resolver = make_resolver(config.server.resolver, reactor)
             self.discoveries = [Discovery(reactor, self.runtime, name, b.members_from,
                                           resolver)

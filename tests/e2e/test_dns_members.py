@@ -209,3 +209,24 @@ def test_health_checked_join_only_after_a_passing_check(lab, tmp_path):
     proxy.wait_for_log(f"member {b.url} found in DNS (_http._tcp.app.test): joins after "
                        "a passing health check")
     assert members(proxy)[dead_url]["elected"] == 0
+
+
+def test_no_answer_yet_is_503_and_every_admin_page_still_renders(lab, tmp_path):
+    dns = lab.add(TestDNS(tmp_path, {"fail": "nxdomain"}))
+    proxy = lab.proxy(lambda ports: config(ports, dns, f'{{ srv = "{SRV}" }}',
+                                           processes="master_process = false"))
+    proxy.wait_for_log("failed (NXDOMAIN): keeping the last good member set (0 member(s))")
+    assert fetch(proxy.port, "/").status == 503
+    admin = proxy.ports["admin"]
+    for page in ("/balancer-manager", "/balancer-manager?xml=1", "/server-status",
+                 "/metrics"):
+        r = fetch(admin, page, host=f"127.0.0.1:{admin}")
+        assert r.status == 200, (page, r.body[:300])
+    found = balancer(proxy)
+    assert found["members"] == [] and found["members_from"]["failing"]
+    a = lab.echo("a")
+    dns.set(srv_records(a))
+    wait_until(lambda: served(proxy.port) == {"a"}, 10, "a serving")
+    for page in ("/balancer-manager", "/metrics"):   # server-status: host, not port
+        r = fetch(admin, page, host=f"127.0.0.1:{admin}")
+        assert r.status == 200 and str(a.port).encode() in r.body, page
