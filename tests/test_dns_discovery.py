@@ -165,6 +165,8 @@ def test_plan_leaves_an_operators_drain_and_fixed_members_alone():
     rt.apply([Edit("farm", "status.N", True, member="http://10.0.0.1:80")], "manager")
     run(rt, wanted("http://10.0.0.1:80"), drained, 1)
     assert names(rt) == {"http://10.9.9.9": "", "http://10.0.0.1": "N"}   # still drained
+    run(rt, wanted("http://10.0.0.1:80", "http://10.9.9.9:80"), drained, 1.5)
+    assert len(names(rt)) == 2                          # a configured address: left to it
     run(rt, wanted(), drained, 2)                       # gone from DNS, then back
     run(rt, wanted("http://10.0.0.1:80"), drained, 2.5)
     assert names(rt)["http://10.0.0.1"] == "N"          # the operator's drain stays

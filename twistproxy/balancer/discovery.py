@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import client, dns
 
+from ..config import member_url
 from ..runtime.state import Edit, Invalid
 
 log = Logger(namespace="twistproxy.discovery")
@@ -106,11 +107,15 @@ def plan(balancer: str, members, wanted: dict[str, Wanted],
     is drained, and removed once `grace` has passed and it has nothing in flight
     here; one wanted again before that is undrained (unless its N was an
     operator's). `previous`: the last answer applied; a record whose priority or
-    weight changed since changes its member's lbset or loadfactor."""
+    weight changed since changes its member's lbset or loadfactor. An address that
+    is also a configured member is left to that member."""
     adds, rest = [], []
     have = {m.config.url.raw: m for m in members if m.discovered}
+    fixed = {m.name for m in members if not m.discovered}
     previous = previous or {}
     for url, w in wanted.items():
+        if url not in have and member_url(url, "discover_member").origin in fixed:
+            continue                  # also a configured member: that one it stays
         m = have.get(url)
         before = previous.get(url)
         if m is None:
