@@ -199,6 +199,29 @@ class BalancerConfig:
     sticky_cookie: tuple[tuple[str, str], ...] = ()
     growth: int = 0      # members the manager may add at runtime (Apache's growth=)
     members: tuple[MemberConfig, ...] = ()
+    members_from: "DiscoveryConfig | None" = None     # members found by DNS
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """[balancer.NAME] members_from: where DNS names the members. `srv`: an SRV name
+    (each record's target and port; priority -> lbset, weight -> loadfactor); or
+    `host` + `port`: every A and AAAA address of the name. `member` is what every
+    member found gets (its url replaced by scheme://ADDRESS:PORT)."""
+    srv: str = ""
+    host: str = ""
+    port: int = 0
+    scheme: str = "http"
+    resolve_every: float = 30.0          # seconds; a shorter record TTL (>= 1 s) wins
+    member: MemberConfig | None = None
+
+    @property
+    def name(self) -> str:
+        return self.srv or self.host
+
+    @property
+    def kind(self) -> str:
+        return "SRV" if self.srv else "A/AAAA"
 
 
 @dataclass(frozen=True)
@@ -222,6 +245,7 @@ class ServerConfig:
     graceful_timeout: float = 10.0      # seconds in-flight requests get at a stop
     served_by_header: str = ""          # a response header naming the process; "": none
     handover_socket: str = ""           # UNIX socket handing the listeners over; "": off
+    resolver: tuple[tuple[str, int], ...] = ()  # DNS servers (members_from); (): resolv.conf
 
 
 # what a route's `handler` may name: Apache's SetHandler names of the admin pages
@@ -658,7 +682,26 @@ class _Loader:
                                               raw.get("served_by_header", d.served_by_header)),
             handover_socket=self.unix_socket(f"{w}.handover_socket",
                                              raw.get("handover_socket", d.handover_socket)),
+            resolver=self.resolver(f"{w}.resolver", raw.get("resolver", [])),
         )
+
+    def resolver(self, w: str, value: Any) -> tuple[tuple[str, int], ...]:
+        """DNS servers as nginx's `resolver`: "ADDRESS" or "ADDRESS:PORT" ("[V6]:PORT")."""
+        out = []
+        for i, text in enumerate(self.strings(w, value)):
+            m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([0-9.]+)(?::(\d+))?|([0-9A-Fa-f:]+)",
+                             text.strip())
+            address = m and (m.group(1) or m.group(3) or m.group(5))
+            try:
+                ipaddress.ip_address(address or "")
+            except ValueError:
+                raise self.fail(f"{w}[{i}]", text, "must be an IP address, optionally with "
+                                ":PORT (\"127.0.0.1:53\", \"[::1]:53\")") from None
+            port = int(m.group(2) or m.group(4) or 53)
+            if not 1 <= port <= 65535:
+                raise self.fail(f"{w}[{i}]", text, "has a port outside 1-65535")
+            out.append((address, port))
+        return tuple(out)
 
     def windows_process_model(self, server: ServerConfig) -> None:
         """Windows has neither fork nor a way to pass listening sockets to children
@@ -1080,8 +1123,9 @@ class _Loader:
             raise self.fail(w, name, "is not a valid balancer name "
                                      "(lower-case letters, digits, '_' and '-')")
         allowed = tuple(BalancerConfig.__dataclass_fields__) + ("member",) + _HC_KEYS
-        allowed = tuple(k for k in allowed if k not in ("name", "members"))
-        raw = self.table(w, raw, allowed, required=("member",))
+        allowed = tuple(k for k in allowed if k not in ("name", "members")) + ("resolve_every",)
+        raw = self.table(w, raw, allowed, required=() if isinstance(raw, dict) and "members_from" in raw
+                         else ("member",))
         d = BalancerConfig(name)
         # health-check keys on the balancer are the members' template (Apache's hctemplate)
         template = {k: raw[k] for k in _HC_KEYS if k in raw}
@@ -1089,9 +1133,15 @@ class _Loader:
             self.member(w, {**template, "url": "http://template.invalid/"})
         members = tuple(self.member(f"{w}.member[{i}]", {**template, **m}
                                     if isinstance(m, dict) else m)
-                        for i, m in enumerate(self.array_of_tables(f"{w}.member", raw["member"])))
-        if not members:
-            raise self.fail(f"{w}.member", [], "must list at least one member")
+                        for i, m in enumerate(self.array_of_tables(f"{w}.member",
+                                                                   raw.get("member", []))))
+        found = self.members_from(w, raw, template) if "members_from" in raw else None
+        if "resolve_every" in raw and found is None:
+            raise self.fail(f"{w}.resolve_every", raw["resolve_every"],
+                            "needs members_from (it is how often DNS is asked)")
+        if not members and found is None:
+            raise self.fail(f"{w}.member", [], "must list at least one member "
+                            "(or use members_from)")
         routes = [m.route for m in members if m.route]
         for i, m in enumerate(members):
             earlier = [j for j, o in enumerate(members[:i]) if m.route and o.route == m.route]
@@ -1138,7 +1188,44 @@ class _Loader:
             sticky_cookie=cookie,
             growth=self.integer(f"{w}.growth", raw.get("growth", 0), 0, 100),
             members=members,
+            members_from=found,
         )
+
+    def members_from(self, w: str, raw: dict, template: dict) -> DiscoveryConfig:
+        """members_from = { srv = NAME } or { host = NAME, port = N }, scheme, member."""
+        fw = f"{w}.members_from"
+        mf = self.table(fw, raw["members_from"], ("srv", "host", "port", "scheme", "member"))
+        if ("srv" in mf) == ("host" in mf):
+            raise self.fail(fw, mf, "needs one of srv (an SRV name) or host (A/AAAA) "
+                            "with port")
+        key = "srv" if "srv" in mf else "host"
+        name = self.string(f"{fw}.{key}", mf[key]).strip().rstrip(".").lower()
+        if not re.fullmatch(r"[a-z0-9_]([a-z0-9_\-]{0,62})(\.[a-z0-9_]([a-z0-9_\-]{0,62}))*",
+                            name) or len(name) > 253:
+            raise self.fail(f"{fw}.{key}", mf[key], "is not a DNS name")
+        port = 0
+        if key == "host":
+            if "port" not in mf:
+                raise ConfigError(f"{self.path}: {fw}.port: missing (required with host)")
+            port = self.integer(f"{fw}.port", mf["port"], 1, 65535)
+        elif "port" in mf:
+            raise self.fail(f"{fw}.port", mf["port"], "is for host (SRV records name "
+                            "their ports)")
+        scheme = self.choice(f"{fw}.scheme", mf.get("scheme", "http"), tuple(_DEFAULT_PORTS))
+        extra = mf.get("member", {})
+        self.table(f"{fw}.member", extra, tuple(k for k in MemberConfig.__dataclass_fields__
+                                                 if k not in ("worker", "url", "redirect"))
+                   + _WORKER_KEYS)
+        # checked as a member, so an error names the members_from.member key
+        member = self.member(f"{fw}.member", {**template, **extra,
+                                               "url": f"{scheme}://discovered.invalid/"})
+        if member.route:
+            raise self.fail(f"{fw}.member.route", member.route, "would be every found "
+                            "member's route (routes name one member)")
+        every = self.duration(f"{w}.resolve_every", raw.get("resolve_every", 30), lo=0.1)
+        return DiscoveryConfig(srv=name if key == "srv" else "",
+                               host=name if key == "host" else "", port=port,
+                               scheme=scheme, resolve_every=every, member=member)
 
     def member(self, w: str, raw: Any) -> MemberConfig:
         allowed = tuple(k for k in MemberConfig.__dataclass_fields__ if k != "worker") \

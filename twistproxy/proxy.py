@@ -14,6 +14,9 @@ from . import headers as H
 from .authority import absolute_form, host_port
 from .balancer import Balancer
 from .balancer.attempt import Attempt
+# imported with the service, before any listener is bound (twisted.names takes a
+# moment to import: not in the window where a re-binding reactor takes the port over)
+from .balancer.discovery import Discovery, make_resolver
 from .balancer.health import HealthCheck
 from .config import BackendURL, Config, VhostConfig
 from .handlers.connect import ConnectExchange, ForwardGate
@@ -61,7 +64,9 @@ class ProxyContext:
         self.runtime = Runtime(Balancer(b) for b in config.balancers.values())
         self.health_checks: list[HealthCheck] = []
         for name, bal in self.runtime.balancers.items():
-            retry = min(m.config.worker.retry for m in bal.members)
+            retry = min((m.config.worker.retry for m in bal.members), default=(
+                bal.config.members_from.member.worker.retry if bal.config.members_from
+                else 60.0))
             bal.outage = Outage(f"balancer://{name}", summary_interval(retry),
                                 reactor.seconds, reactor.callLater)
             for i, m in enumerate(bal.members):
@@ -70,6 +75,15 @@ class ProxyContext:
                 if m.config.hcmethod != "NONE":
                     self.health_checks.append(HealthCheck(reactor, self.runtime, m))
         self.runtime.subscribe(self._members_added)
+        # members_from: DNS lookups, run (with the health checks) only by the process
+        # that owns admin state: start_owned()
+        self.discoveries = []
+        self.owns_state = False
+        if any(b.members_from for b in config.balancers.values()):
+            resolver = make_resolver(config.server.resolver, reactor)
+            self.discoveries = [Discovery(reactor, self.runtime, name, b.members_from,
+                                          resolver)
+                                for name, b in config.balancers.items() if b.members_from]
         self.admin = None       # admin.site.Admin, for routes with a `handler`
         self.cluster = None     # cluster.sync.ClusterSync, in the process that talks to Redis
         self.connections: set = set()
@@ -124,23 +138,81 @@ class ProxyContext:
         for route in vhost.routes:
             if not route.reverse or route.url is None:
                 continue
-            if route.url.is_balancer:
-                for m in self.config.balancers[route.url.host].members:
-                    base = m.url.origin + m.url.path.rstrip("/")
+            if route.url.is_balancer:       # its members now: found by DNS, added too
+                for m in self.runtime.balancer(route.url.host).members:
+                    base = m.config.url.origin + m.config.url.path.rstrip("/")
                     entries.append((base + route.url.path, route.path))
             else:
                 entries.append((route.url.origin + route.url.path, route.path))
         return entries
 
     def _members_added(self, changes) -> None:
-        """A member added at runtime (the manager's b_nwrkr) gets its worker here."""
+        """A member added at runtime (the manager's b_nwrkr, or found by DNS) gets its
+        worker here, and in the process that owns health checks its check; a member
+        removed (gone from DNS) loses its check and its idle connections. Its worker
+        stays defined (a worker is by origin and may be shared; an address that comes
+        back reuses it)."""
+        changed = {c.balancer for c in changes
+                   if c.field in ("add_member", "discover_member", "remove_member")}
+        for name in changed:
+            self._refresh_reverse(name)
         for c in changes:
-            if c.field == "add_member":
+            if c.field in ("add_member", "discover_member"):
                 bal = self.runtime.balancer(c.balancer)
                 m = self.runtime.member(c.balancer, c.member)
-                m.pool = self.workers.define(m.config.url, m.config.worker,
-                                             f"balancer.{c.balancer}.member[{len(bal.members) - 1}]",
+                where = (f"balancer.{c.balancer}.members_from" if c.field == "discover_member"
+                         else f"balancer.{c.balancer}.member[{len(bal.members) - 1}]")
+                m.pool = self.workers.define(m.config.url, m.config.worker, where,
                                              member=True)
+                if c.field == "discover_member" and m.config.hcmethod != "NONE":
+                    check = HealthCheck(self.reactor, self.runtime, m)
+                    self.health_checks.append(check)
+                    if self.owns_state and not self.stopping:
+                        check.start()
+            elif c.field == "remove_member":
+                for check in [h for h in self.health_checks
+                              if h.balancer_name == c.balancer and h.member.name == c.member
+                              and h.member.owner is not None
+                              and h.member not in h.member.owner.members]:
+                    check.stop()
+                    self.health_checks.remove(check)
+                # its idle keep-alive connections are closed unless a member still
+                # uses its worker (connections in use finish their requests)
+                in_use = {id(m.pool) for b in self.runtime.balancers.values()
+                          for m in b.members}
+                for _, pool in self.workers.by_origin.get(c.member, ()):
+                    if id(pool) not in in_use:
+                        pool.close_idle()
+
+    def _refresh_reverse(self, balancer: str) -> None:
+        """A balancer's members changed: the reverse maps (ProxyPassReverse) of the
+        vhosts whose reverse routes name it are made again."""
+        for vhost in self.config.vhosts:
+            if not any(r.reverse and r.url is not None and r.url.is_balancer
+                       and r.url.host == balancer for r in vhost.routes):
+                continue
+            entries = self._reverse_entries(vhost)
+            for route in vhost.routes:
+                rt = self.routes.get(route.where)
+                if rt is not None:
+                    rmap = H.ReverseMap(entries, route.cookie_domain, route.cookie_path)
+                    rt.reverse_map = rmap if rmap else None
+
+    def start_owned(self) -> None:
+        """This process owns admin state (the master, or the one process): it runs
+        the health checks and the DNS lookups of members_from."""
+        self.owns_state = True
+        for check in self.health_checks:
+            check.start()
+        for d in self.discoveries:
+            d.start()
+
+    def stop_owned(self) -> None:
+        self.owns_state = False
+        for d in self.discoveries:
+            d.stop()
+        for check in self.health_checks:
+            check.stop()
 
     @property
     def pools(self) -> list[Pool]:

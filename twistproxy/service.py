@@ -123,8 +123,7 @@ class ProxyService(MultiService):
         if self.admin_bound is not None:
             self._start_admin(self.admin_bound)
         if not self.controlled:
-            for check in self.ctx.health_checks:
-                check.start()
+            self.ctx.start_owned()           # health checks, members_from lookups
         if self.cluster is not None:
             self.cluster.start()
         if any(p.ttl is not None for p in self.ctx.pools) or self.ctx.forward_gates:
@@ -163,8 +162,7 @@ class ProxyService(MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.ctx.stopping = True
-        for check in self.ctx.health_checks:
-            check.stop()
+        self.ctx.stop_owned()
         if self.cluster is not None:
             yield self.cluster.stop()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])

@@ -130,9 +130,13 @@ class BalancerManager(Resource):
                 "lbmethod": b.lbmethod, "timeout": b.timeout,
                 "maxattempts": max_attempts(b), "nofailover": b.nofailover,
                 "stickysession": b.stickysession, "growth": b.config.growth,
-                "max_members": len(b.config.members) + b.config.growth,
+                "max_members": max_members(b),
                 "paths": self.paths(name), "members": members,
             })
+            found = next((d for d in getattr(self.ctx, "discoveries", ())
+                          if d.balancer == name), None)
+            if found is not None:
+                out[-1]["members_from"] = found.snapshot()
         snap = {"server_version": SERVER_VERSION, "persisted": self.admin.persisted,
                 "balancers": out}
         if self.ctx.cluster is not None:
@@ -326,7 +330,7 @@ class BalancerManager(Resource):
                                              "Timeout", "FailoverAttempts", "Method", "Path",
                                              "Active")))
         row = tags.tr(
-            tags.td(f"{len(b.config.members) + b.config.growth} [{len(b.members)} Used]"),
+            tags.td(f"{max_members(b)} [{len(b.members)} Used]"),
             tags.td(b.stickysession or "(None)"), tags.td("On" if b.nofailover else "Off"),
             tags.td(f"{b.timeout:g}"), tags.td(str(max_attempts(b))), tags.td(b.lbmethod),
             tags.td(", ".join(self.paths(b.name))), tags.td("Yes"))
@@ -442,3 +446,9 @@ class BalancerManager(Resource):
             out.append("      </httpd:workers>\n    </httpd:balancer>\n")
         out.append("  </httpd:balancers>\n</httpd:manager>\n")
         return "".join(out).encode("utf-8")
+
+
+def max_members(b) -> int:
+    """Apache's MaxMembers: the configured members and the growth slots, and here the
+    members found by DNS (members_from), which take no slot."""
+    return len(b.config.members) + b.config.growth + sum(1 for m in b.members if m.discovered)

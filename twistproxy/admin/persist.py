@@ -30,6 +30,8 @@ def state_of(runtime) -> dict:
         configured = {m.url.raw for m in b.config.members}
         members, added = {}, []
         for m in b.members:
+            if m.discovered:
+                continue             # DNS names them again at the next start
             if m.config.url.raw not in configured:
                 added.append(m.config.url.raw)
             fields = {"loadfactor": m.lbfactor / 100, "lbset": m.lbset, "route": m.route,

@@ -47,6 +47,7 @@ class Member:
     hc_passed: int = 0
     hc_failed: int = 0
     error_seconds: float = 0.0       # time spent in error state, ended periods
+    discovered: bool = False         # found by DNS (members_from), not configured
 
     def __post_init__(self):
         if not self.route:
@@ -118,6 +119,7 @@ class Balancer:
         self.members: list[Member] = []
         for m in config.members:
             self.add_member(m)
+        self.lbsets_changed()          # none configured: members_from adds them later
         self.lbmethod = config.lbmethod
         self.timeout = config.timeout
         self.maxattempts = config.maxattempts
@@ -140,7 +142,13 @@ class Balancer:
         return m
 
     def lbsets_changed(self) -> None:
-        self.max_lbset = max(m.lbset for m in self.members)
+        self.max_lbset = max((m.lbset for m in self.members), default=0)
+
+    def remove_member(self, member: Member) -> None:
+        """A member taken out at runtime (runtime.Runtime: a discovered member gone from
+        DNS). Requests in flight keep their Member object and finish as usual."""
+        self.members.remove(member)
+        self.lbsets_changed()
 
     def set(self, field: str, value) -> None:
         """A setting changed by runtime.Runtime.apply (validated there)."""

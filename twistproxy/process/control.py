@@ -104,8 +104,8 @@ def edits_of(changes: list[Change]) -> list[list]:
     """Changes as the edits that make them again elsewhere (JSON-able rows)."""
     rows = []
     for c in changes:
-        if c.field == "add_member":
-            rows.append([c.balancer, None, "add_member", c.new])
+        if c.field in ("add_member", "discover_member"):
+            rows.append([c.balancer, None, c.field, c.new])
         else:
             rows.append([c.balancer, c.member, c.field, c.new])
     return rows
@@ -121,6 +121,6 @@ def edits_of_edits(edits: list[Edit]) -> list[list]:
 
 def batches(rows: list[list]) -> list[list[list]]:
     """Members a batch adds first, then its other edits (which may name them)."""
-    adds = [r for r in rows if r[2] == "add_member"]
-    rest = [r for r in rows if r[2] != "add_member"]
+    adds = [r for r in rows if r[2] in ("add_member", "discover_member")]
+    rest = [r for r in rows if r[2] not in ("add_member", "discover_member")]
     return [b for b in (adds, rest) if b]

@@ -141,12 +141,10 @@ class Plane:
             self.admin = self.ctx.admin = Admin(self.ctx, config.admin, started)
 
     def start(self) -> None:
-        for check in self.ctx.health_checks:
-            check.start()
+        self.ctx.start_owned()          # health checks, members_from lookups
 
     def stop(self) -> None:
-        for check in self.ctx.health_checks:
-            check.stop()
+        self.ctx.stop_owned()
 
     def sync_rows(self) -> list[list]:
         """Edits that bring a worker's runtime (fresh from the same configuration) to
@@ -155,14 +153,15 @@ class Plane:
         from ..admin import persist
         runtime = self.ctx.runtime
         rows = control.edits_of_edits(persist.edits_from(persist.state_of(runtime), runtime))
-        return rows + _flag_rows(runtime, runtime)
+        return _discovered_rows(runtime, runtime) + rows + _flag_rows(runtime, runtime)
 
     def carry_from(self, old: "Plane") -> int:
         """A reload: the old plane's admin state for what still exists here, and its
         nonces (a manager page open in a browser keeps working). Changes applied."""
         from ..admin import persist
         state = persist.still_existing(persist.state_of(old.ctx.runtime), self.ctx.runtime)
-        rows = control.edits_of_edits(persist.edits_from(state, self.ctx.runtime))
+        rows = _discovered_rows(old.ctx.runtime, self.ctx.runtime)
+        rows += control.edits_of_edits(persist.edits_from(state, self.ctx.runtime))
         rows += _flag_rows(old.ctx.runtime, self.ctx.runtime)
         n = 0
         for batch in control.batches(rows):
@@ -176,6 +175,28 @@ class Plane:
                 if name in self.admin.nonces:
                     self.admin.nonces[name] = nonce
         return n
+
+
+def _discovered_rows(source, target) -> list[list]:
+    """Edits making `source`'s members found by DNS again in `target` (a new worker,
+    or a reload's runtime while its own lookups start), with their lbset, loadfactor
+    and flags, for the balancers that still take members from DNS there."""
+    from ..runtime.state import ADMIN_FLAGS
+    rows = []
+    for b in source.balancers.values():
+        there = target.balancers.get(b.name)
+        if there is None or there.config.members_from is None:
+            continue
+        for m in b.members:
+            if not m.discovered:
+                continue
+            url = m.config.url.raw
+            rows.append([b.name, None, "discover_member", url])
+            rows.append([b.name, url, "lbset", m.lbset])
+            rows.append([b.name, url, "loadfactor", m.lbfactor / 100])
+            for f in ADMIN_FLAGS + "C":
+                rows.append([b.name, url, f"status.{f}", f in m.flags])
+    return rows
 
 
 def _flag_rows(source, target) -> list[list]:

@@ -13,7 +13,7 @@ later other processes and hosts). Pure: no reactor, no I/O; time comes in as `no
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Protocol
 
 from ..balancer.group import Balancer, Member
@@ -31,7 +31,10 @@ class Edit:
     Member fields: loadfactor, lbset, route, redirect, status.X (X in IDHRSN, and
     E and C for health and failover). Balancer fields: lbmethod, timeout,
     maxattempts, nofailover, stickysession, and add_member (value: the new member's
-    URL; it starts disabled, within the balancer's `growth` slots)."""
+    URL; it starts disabled, within the balancer's `growth` slots), and for members
+    found by DNS (balancer/discovery.py) discover_member (value: scheme://ADDR:PORT;
+    it gets the balancer's members_from.member parameters, and C until its first
+    passing health check when checks are on) and, on the member, remove_member."""
     balancer: str
     field: str
     value: Any
@@ -46,7 +49,8 @@ class Change:
     field: str
     old: Any
     new: Any
-    source: str          # "manager", "health", "failover", "retry", "state-file", "api"
+    source: str          # "manager", "health", "failover", "retry", "state-file", "api",
+                         # "dns"
     who: str = ""        # client address and user, for the manager and the API
 
 
@@ -107,6 +111,17 @@ class Runtime:
                 value = _check_add(target, e.value, adding.setdefault(target.name, []))
                 plan.append((e, target, None, value))
                 continue
+            if e.field == "discover_member" and e.member is None:
+                value = _check_discover(target, e.value, adding.setdefault(target.name, []))
+                if value is not None:        # None: found already (not a change)
+                    plan.append((e, target, None, value))
+                continue
+            if e.field == "remove_member" and e.member is not None:
+                if not target.discovered:
+                    raise Invalid(e.field, e.member, "was configured: only members found "
+                                  "by DNS (members_from) are removed at runtime")
+                plan.append((e, target, False, True))
+                continue
             value = _check(target, e.field, e.value)
             old = _get(target, e.field)
             if old != value:
@@ -117,6 +132,17 @@ class Runtime:
                 member = target.add_member(value)
                 changes.append(Change(e.balancer, member.name, "add_member", None,
                                       value.url.raw, source, who))
+                continue
+            if e.field == "discover_member" and e.member is None:
+                member = target.add_member(value)
+                member.discovered = True
+                changes.append(Change(e.balancer, member.name, "discover_member", None,
+                                      value.url.raw, source, who))
+                continue
+            if e.field == "remove_member" and e.member is not None:
+                target.owner.remove_member(target)
+                changes.append(Change(e.balancer, target.name, "remove_member", False, True,
+                                      source, who))
                 continue
             _set(target, e.field, value, now)
             changes.append(Change(e.balancer, target.name if e.member is not None else None,
@@ -205,12 +231,36 @@ def _check_add(b: Balancer, value: Any, batch: list[str]) -> MemberConfig:
     name = url.origin + url.path.rstrip("/")
     if find_member(b, url.raw) is not None or name in batch:
         raise Invalid(field, value, f"is already a member of balancer://{b.name}")
-    added = len(b.members) - len(b.config.members) + len(batch)
+    added = sum(1 for m in b.members if not m.discovered) - len(b.config.members) \
+        + len(batch)
     if added >= b.config.growth:
         raise Invalid(field, value, f"needs a free slot: balancer://{b.name} has growth "
                       f"{b.config.growth} and {added} member(s) added already")
     batch.append(name)
     return MemberConfig(url, status="D")
+
+
+def _check_discover(b: Balancer, value: Any, batch: list[str]) -> MemberConfig | None:
+    """A member found by DNS: scheme://ADDRESS:PORT, not a member yet, made from the
+    balancer's members_from.member parameters (no growth slot: DNS decides)."""
+    field = "discover_member"
+    found = b.config.members_from
+    if found is None:
+        raise Invalid(field, value, f"balancer://{b.name} has no members_from")
+    try:
+        url = member_url(_text(field, value), field)
+    except ValueError as e:
+        raise Invalid(field, value, str(e)) from None
+    name = url.origin + url.path.rstrip("/")
+    there = find_member(b, url.raw)
+    if there is not None and there.discovered and there.config.url.raw == url.raw:
+        return None
+    if there is not None or name in batch:
+        raise Invalid(field, value, f"is already a member of balancer://{b.name}")
+    batch.append(name)
+    template = found.member
+    status = template.status + ("+C" if template.hcmethod != "NONE" else "")
+    return replace(template, url=url, status=status)
 
 
 def _number(field: str, value: Any, low: float, high: float, integer: bool = False) -> float:

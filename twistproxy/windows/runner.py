@@ -248,8 +248,11 @@ class ServiceRunner:
             raise ServiceStartFailed(line) from None
         files = [self._log_file] + ([sys.stderr] if self.console else [])
         # Any: zope interfaces (ILogObserver...) are not seen by mypy without a plugin
+        from ..balancer.discovery import quiet_dns_ports
         info: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-        observers: list[Any] = [FilteringLogObserver(cast(Any, textFileLogObserver(f)), [info])
+        quiet: Any = quiet_dns_ports        # members_from's per-query UDP port lines
+        observers: list[Any] = [FilteringLogObserver(cast(Any, textFileLogObserver(f)),
+                                                     [quiet, info])
                                 for f in files]
         globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
 
