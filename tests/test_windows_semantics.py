@@ -309,3 +309,14 @@ def test_windows_runs_one_process_by_default():
 def test_posix_only_process_keys_are_refused_on_windows_with_the_reason(top, key):
     msg = win_fails(doc(top=top))
     assert msg.startswith(f"{WIN_CONF}: {key} is POSIX only")
+
+
+def test_for_a_reactor_that_binds_again_the_check_socket_takes_no_connection():
+    """Between the check bind and the reactor's own, a client must be refused (and
+    retry), not queued on a socket about to close, which would reset it."""
+    bound = bind_one(ListenConfig("127.0.0.1", 0), windows=False, accept=False)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", bound.port), timeout=2).close()
+    finally:
+        bound.sock.close()

@@ -50,7 +50,10 @@ def _shown(listen: ListenConfig, address: str) -> str:
 
 
 def bind_one(listen: ListenConfig, address: str | None = None,
-             windows: bool = WINDOWS) -> BoundSocket:
+             windows: bool = WINDOWS, accept: bool = True) -> BoundSocket:
+    """`accept = False`: bound but not listening, for a reactor that binds the address
+    again itself (listen_on): a connection that came meanwhile would sit in this
+    socket's queue and be reset when it closes; unbound, it is refused and retried."""
     address = address or listen.bind_address
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -59,19 +62,20 @@ def bind_one(listen: ListenConfig, address: str | None = None,
         apply(sock, listen_options(windows, dual_stack=family == socket.AF_INET6
                                    and listen.address == "*"))
         sock.bind((address, listen.port))
-        sock.listen(BACKLOG)
+        if accept:
+            sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
         if listen.address == "*" and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-            return bind_one(listen, "0.0.0.0", windows)     # a host without IPv6
+            return bind_one(listen, "0.0.0.0", windows, accept)     # a host without IPv6
         raise BindError(f"cannot listen on {_shown(listen, address)}: "
                         f"{bind_reason(e, listen.port, windows)}") from None
     return BoundSocket(listen, sock)
 
 
-def bind_all(listeners, inherited: dict[str, socket.socket] | None = None
-             ) -> list[BoundSocket]:
+def bind_all(listeners, inherited: dict[str, socket.socket] | None = None,
+             accept: bool = True) -> list[BoundSocket]:
     """Bind every listener or none: on the first failure, close what was bound. A
     listener whose key is in `inherited` (sockets received from the process taken over,
     or from systemd) takes that socket out of it instead of binding."""
@@ -79,7 +83,8 @@ def bind_all(listeners, inherited: dict[str, socket.socket] | None = None
     try:
         for listen in listeners:
             sock = inherited.pop(listen.key, None) if inherited else None
-            bound.append(BoundSocket(listen, sock) if sock is not None else bind_one(listen))
+            bound.append(BoundSocket(listen, sock) if sock is not None else
+                         bind_one(listen, accept=accept))
     except BindError:
         for b in bound:
             b.sock.close()

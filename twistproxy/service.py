@@ -214,7 +214,7 @@ def build_service(config: Config, reactor=None, takeover: bool = False) -> Proxy
         except handover.HandoverError as e:
             raise StartupError(str(e)) from None
     try:
-        bound, admin_bound = _bind(config, inherited)
+        bound, admin_bound = _bind(config, inherited, reactor)
     except StartupError:
         if server is not None:
             server.stop()
@@ -258,18 +258,22 @@ def _inherit(config: Config, takeover: bool):
     return handing.sockets, handing
 
 
-def _bind(config: Config, inherited=None):
+def _bind(config: Config, inherited=None, reactor=None):
     """Every listener and the admin listener (inherited sockets where the keys match),
-    or StartupError with nothing bound."""
+    or StartupError with nothing bound. For a reactor that binds each address again
+    itself (IOCP), the sockets are bound as a check but do not listen (bind_one)."""
     admin_listen = config.admin.listen if config.admin is not None else None
+    if reactor is None:
+        from twisted.internet import reactor
+    accept = config.server.master_process or listeners.adopts(reactor)
     try:
-        bound = bind_all(config.listeners, inherited)
+        bound = bind_all(config.listeners, inherited, accept)
     except BindError as e:
         raise StartupError(str(e)) from None
     admin_bound = None
     if admin_listen is not None:
         try:
-            admin_bound = bind_all([admin_listen], inherited)[0]
+            admin_bound = bind_all([admin_listen], inherited, accept)[0]
         except BindError as e:
             for b in bound:
                 b.sock.close()
