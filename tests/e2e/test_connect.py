@@ -383,7 +383,7 @@ def write_htpasswd(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, each_reactor):
+def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("connect")
     with Lab(d) as lab:
         e = Env()
@@ -411,7 +411,7 @@ def env(tmp_path_factory, each_reactor):
 
 
 @pytest.fixture(scope="module")
-def slow(tmp_path_factory, each_reactor):
+def slow(tmp_path_factory):
     with Lab(tmp_path_factory.mktemp("connect-slow")) as lab:
         yield lab.proxy(lambda ports: SLOW_CONFIG.format(port=ports[0]), name="slow.toml")
 
