@@ -41,12 +41,12 @@ def free_port() -> int:
 class Proc:
     """One started program; `name` names its output file in `workdir`."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, env=None):
+    def __init__(self, name: str, argv: list[str], workdir: Path, env=None, cwd=None):
         self.name = name
         self.out_path = workdir / f"{name}.out"
         self._out = open(self.out_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
+                                     stdin=subprocess.DEVNULL, cwd=cwd or ROOT, env=env,
                                      start_new_session=True)
         self.pid = self.proc.pid
 

@@ -54,6 +54,7 @@ class Direct(Proxy):
 class TwistProxy(Proxy):
     name, label = "twistproxy", "twistproxy (1 process)"    # one worker, and its master
     server = ""                       # extra [server] lines
+    tree = None                       # run the twistproxy of another checkout (its folder)
 
     def start(self, workdir, port, members, tag, mode="http"):
         conf = workdir / f"{tag}.toml"
@@ -72,7 +73,7 @@ server_name = "localhost"
         if mode == "connect":             # a forward proxy; clients on loopback may use it
             conf.write_text(head + f"proxy_requests = true\nallow_connect = [{members[0]}]\n")
             return Proc(tag, [sys.executable, "-m", "twistproxy.cli", "run", str(conf)],
-                        workdir)
+                        workdir, cwd=self.tree)
         scheme = "ws" if mode == "websocket" else "http"
         if len(members) == 1:
             route = f'url = "{scheme}://127.0.0.1:{members[0]}/"'
@@ -87,7 +88,8 @@ server_name = "localhost"
   {route}
 
 {balancer}""")
-        return Proc(tag, [sys.executable, "-m", "twistproxy.cli", "run", str(conf)], workdir)
+        return Proc(tag, [sys.executable, "-m", "twistproxy.cli", "run", str(conf)], workdir,
+                    cwd=self.tree)
 
 
 class Nginx(Proxy):
@@ -306,6 +308,21 @@ class ProxyPy(Proxy):
         ], workdir, env={**os.environ, "BENCH_BACKEND_PORT": str(members[0])})
 
 
+class TwistProxyParent(TwistProxy):
+    """The same proxy from another checkout, in the same run: a change against its
+    parent (`git worktree add /tmp/parent HEAD~1`, then TWISTPROXY_BENCH_PARENT=/tmp/parent).
+    `python -m` puts the working directory first on sys.path, so the process runs in
+    that checkout."""
+    name = "twistproxy-parent"
+    tree = os.environ.get("TWISTPROXY_BENCH_PARENT") or None
+    label = f"twistproxy at {tree}" if tree else "twistproxy (parent checkout)"
+
+    def available(self):
+        if not self.tree or not os.path.isdir(os.path.join(self.tree, "twistproxy")):
+            return "set TWISTPROXY_BENCH_PARENT to a checkout (git worktree add)"
+        return None
+
+
 class TwistProxy2(TwistProxy):
     name, label = "twistproxy-2", "twistproxy (2 worker processes)"
     server = "worker_processes = 2\n"
@@ -333,5 +350,5 @@ class HAProxy2(HAProxy):
 
 ALL = [Direct(), TwistProxy(), TwistProxyNoSpin(), Nginx(), HAProxy(), Apache(), TwistedWeb(),
        ProxyPy(),
-       TwistProxy2(), TwistProxySingle(), Nginx2(), HAProxy2()]
+       TwistProxy2(), TwistProxySingle(), Nginx2(), HAProxy2(), TwistProxyParent()]
 BY_NAME = {p.name: p for p in ALL}
