@@ -22,7 +22,7 @@ def _start_logging(level: str = "info", to=None) -> None:
     """Log to `to` (an open text file, server.error_log's) or standard error."""
     from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                                 globalLogBeginner, textFileLogObserver)
-    from .balancer.discovery import quiet_dns_ports
+    from .balancer.dnsnoise import quiet_dns_ports
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     observer = FilteringLogObserver(textFileLogObserver(to or sys.stderr),
                                     [quiet_dns_ports, predicate])

@@ -14,9 +14,6 @@ from . import headers as H
 from .authority import absolute_form, host_port
 from .balancer import Balancer
 from .balancer.attempt import Attempt
-# imported with the service, before any listener is bound (twisted.names takes a
-# moment to import: not in the window where a re-binding reactor takes the port over)
-from .balancer.discovery import Discovery, make_resolver
 from .balancer.health import HealthCheck
 from .config import BackendURL, Config, VhostConfig
 from .handlers.connect import ConnectExchange, ForwardGate
@@ -80,6 +77,8 @@ class ProxyContext:
         self.discoveries = []
         self.owns_state = False
         if any(b.members_from for b in config.balancers.values()):
+            # twisted.names only where a balancer uses it: not in every start-up
+            from .balancer.discovery import Discovery, make_resolver
             resolver = make_resolver(config.server.resolver, reactor)
             self.discoveries = [Discovery(reactor, self.runtime, name, b.members_from,
                                           resolver)

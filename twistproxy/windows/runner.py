@@ -248,7 +248,7 @@ class ServiceRunner:
             raise ServiceStartFailed(line) from None
         files = [self._log_file] + ([sys.stderr] if self.console else [])
         # Any: zope interfaces (ILogObserver...) are not seen by mypy without a plugin
-        from ..balancer.discovery import quiet_dns_ports
+        from ..balancer.dnsnoise import quiet_dns_ports
         info: Any = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
         quiet: Any = quiet_dns_ports        # members_from's per-query UDP port lines
         observers: list[Any] = [FilteringLogObserver(cast(Any, textFileLogObserver(f)),
