@@ -480,14 +480,8 @@ class Importer:
             elif k == "status" and v.upper().strip("+-") not in ("I", ""):
                 self.report(node, DIFFERS, f"{param}: a route's worker takes only I",
                             proxied=True)
-            elif k in _WORKER_KEYS or k in _WORKER_RENAMED:
-                self._param(route, _WORKER_RENAMED.get(k, k), v, node)
-            elif k in _TUNING_KEYS:
-                self.report(node, NOT_NEEDED, f"{param}: twistproxy sizes its own buffers "
-                            "and reuses connections (disablereuse=On to stop that)")
             else:
-                self.report(node, DIFFERS, f"{param}: not a parameter twistproxy has",
-                            proxied=True)
+                self._worker_param(route, k, v, param, node, _WORKER_KEYS)
         self._add_route(srv, route, node, location, url)
 
     def d_proxypassmatch(self, node: Node, srv: _Server, location: str | None = None) -> None:
@@ -497,6 +491,19 @@ class Importer:
                    url: str = "") -> None:
         (srv.locations if location is not None else srv.proxypass).append(
             _Route(route, url, node))
+
+    def _worker_param(self, table: Table, key: str, value: str, param: str, node: Node,
+                      keys: set) -> None:
+        """A ProxyPass or BalancerMember parameter: one of `keys` (ours, or renamed),
+        Apache's tuning that is not needed here, or one we lack."""
+        if key in keys or key in _WORKER_RENAMED:
+            self._param(table, _WORKER_RENAMED.get(key, key), value, node)
+        elif key in _TUNING_KEYS:
+            self.report(node, NOT_NEEDED, f"{param}: twistproxy sizes its own buffers and "
+                        "reuses connections (disablereuse=On to stop that)")
+        else:
+            self.report(node, DIFFERS, f"{param}: not a parameter twistproxy has",
+                        proxied=True)
 
     def _param(self, table: Table, key: str, value: str, node: Node) -> None:
         converted = _convert(key, value)
@@ -623,14 +630,8 @@ class Importer:
                 self.report(node, DIFFERS, f"{param}: a check passes on a status from 200 "
                             "to 399 (hcexpect), expressions are not carried over",
                             proxied=True)
-            elif k in _MEMBER_KEYS or k in _WORKER_RENAMED:
-                self._param(member, _WORKER_RENAMED.get(k, k), v, node)
-            elif k in _TUNING_KEYS:
-                self.report(node, NOT_NEEDED, f"{param}: twistproxy sizes its own buffers "
-                            "and reuses connections (disablereuse=On to stop that)")
             else:
-                self.report(node, DIFFERS, f"{param}: not a parameter twistproxy has",
-                            proxied=True)
+                self._worker_param(member, k, v, param, node, _MEMBER_KEYS)
         for k, v in hc.items():
             self._param(member, k, v, node)
         if any(k in member for k in _HC_KEYS) and "hcmethod" not in member:
